@@ -1,0 +1,45 @@
+"""Bundled benchmarks by name, and one entry point that accepts a name or a YAML path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from lpft.data.task import Task, TaskError
+
+BenchmarkLoader = Callable[..., Task]
+_BENCHMARKS: dict[str, BenchmarkLoader] = {}
+
+
+def register_benchmark(name: str) -> Callable[[BenchmarkLoader], BenchmarkLoader]:
+    """Register ``fn(**options) -> Task`` under ``name``; the loader prepares and caches its data."""
+
+    def wrap(fn: BenchmarkLoader) -> BenchmarkLoader:
+        if name in _BENCHMARKS:
+            raise ValueError(f"benchmark {name!r} registered twice")
+        _BENCHMARKS[name] = fn
+        return fn
+
+    return wrap
+
+
+def benchmark_names() -> list[str]:
+    _import_builtin()
+    return sorted(_BENCHMARKS)
+
+
+def load_task(spec: str | Path, **options) -> Task:
+    """A bundled benchmark by name, or a task YAML file by path."""
+    _import_builtin()
+    if str(spec) in _BENCHMARKS:
+        return _BENCHMARKS[str(spec)](**options)
+    path = Path(spec)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        from lpft.data.files import load_task_yaml
+
+        return load_task_yaml(path)
+    raise TaskError(f"unknown task {str(spec)!r}: not a bundled benchmark {sorted(_BENCHMARKS)} nor a YAML file")
+
+
+def _import_builtin() -> None:
+    import lpft.data.benchmarks  # noqa: F401  (registers the bundled benchmarks)
