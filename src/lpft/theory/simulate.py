@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("lp", "ft_random", "ft_zero", "lpft")
-# methods trained by gradient descent, and how each initialises its head
+# methods trained by gradient descent (they differ only in the initial head)
 _GD_METHODS: tuple[str, ...] = ("ft_random", "ft_zero", "lpft")
 # below this final training MSE a gradient-descent run counts as converged
 CONVERGED_MSE = 1e-8
