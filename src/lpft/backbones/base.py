@@ -1,0 +1,133 @@
+"""The Backbone contract: a pretrained feature extractor with its own preprocessing.
+
+Every adapter (bundled weights, timm, torchvision, Hugging Face) implements the same small
+interface, so features, methods and diagnostics never special-case a model family:
+
+- ``preprocess(inputs) -> Batch``: raw split inputs (images or strings) to model-ready CPU
+  tensors. Deterministic, so a split can be preprocessed once and indexed afterwards.
+- ``features(batch) -> Tensor[N, feature_dim]``: the representation a linear head reads.
+- ``trainable_parameters()``: what fine-tuning updates.
+- ``fingerprint``: identifies weights and preprocessing, keying the feature cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+Batch = torch.Tensor | dict[str, torch.Tensor]
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be built, e.g. its weights are missing; the message says how to provide them."""
+
+
+class Backbone(nn.Module, ABC):
+    """A pretrained feature extractor; subclasses set ``name``, ``modality`` and ``feature_dim``."""
+
+    name: str
+    modality: str
+    feature_dim: int
+
+    @abstractmethod
+    def preprocess(self, inputs: Sequence) -> Batch:
+        """Turn raw inputs (uint8 images, image paths or strings) into a model-ready batch."""
+
+    @abstractmethod
+    def features(self, batch: Batch) -> torch.Tensor:
+        """Features ``[N, feature_dim]`` of a preprocessed batch."""
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A digest of weights and preprocessing: equal fingerprints give equal features."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.features(batch)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that full fine-tuning updates (all of them unless an adapter says otherwise)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class ImageBackbone(Backbone):
+    """Shared preprocessing for image models: resize, scale to [0, 1], normalise per channel."""
+
+    modality = "image"
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.image_size = int(image_size)
+        self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def preprocess_signature(self) -> str:
+        mean = [round(v, 6) for v in self._mean.flatten().tolist()]
+        std = [round(v, 6) for v in self._std.flatten().tolist()]
+        return f"bilinear-resize={self.image_size};mean={mean};std={std}"
+
+    def preprocess(self, inputs: Sequence | np.ndarray) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` arrays or image paths -> normalised float ``[N, 3, S, S]``."""
+        if isinstance(inputs, np.ndarray):
+            x = self._resize(torch.from_numpy(np.ascontiguousarray(inputs)).permute(0, 3, 1, 2))
+        else:  # files may differ in size: resize one by one, then stack
+            x = torch.cat([self._resize(torch.from_numpy(_load_rgb(p)).permute(2, 0, 1)[None]) for p in inputs])
+        return (x - self._mean.cpu()) / self._std.cpu()
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return x
+
+
+def _load_rgb(path: Path | str) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB")).copy()
+
+
+def digest_state_dict(state: dict[str, torch.Tensor], extra: str = "") -> str:
+    """A stable sha256 over parameter names, shapes and values (bytes), plus ``extra``."""
+    h = hashlib.sha256(extra.encode())
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path | str, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_weights_file(path: Path | str) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    return state

@@ -1,0 +1,56 @@
+"""Any timm image model as a backbone: pooled pre-logits features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lpft.backbones.base import BackboneError, ImageBackbone, digest_state_dict, file_digest, load_weights_file
+from lpft.backbones.registry import register_backbone
+
+
+class TimmBackbone(ImageBackbone):
+    """``timm.create_model(name, num_classes=0)``; weights from a local file, ``"random"`` or ``"download"``."""
+
+    def __init__(self, model: str, weights: str | None = None, image_size: int | None = None) -> None:
+        import timm
+
+        if weights is None:
+            raise BackboneError(
+                f"timm:{model} has no bundled weights and nothing is downloaded unless asked. Pass "
+                "weights=/path/to/model.safetensors (or a torch state dict), weights='download' to fetch "
+                "the pretrained weights, or weights='random' for an untrained network."
+            )
+        net = timm.create_model(model, pretrained=weights == "download", num_classes=0)
+        if weights not in {"download", "random"}:
+            state = load_weights_file(weights)
+            state = {k: v for k, v in state.items() if not k.startswith(_classifier_prefixes(net))}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise BackboneError(f"{weights}: does not match timm:{model} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        cfg = timm.data.resolve_data_config({}, model=net)
+        super().__init__(image_size or cfg["input_size"][-1], cfg["mean"], cfg["std"])
+        self.name = f"timm:{model}"
+        self.net = net
+        self.feature_dim = int(net.num_features)
+        weights_id = file_digest(weights) if Path(str(weights)).is_file() else digest_state_dict(net.state_dict())
+        self._fingerprint = f"{self.name}|{weights_id}|{self.preprocess_signature}"
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.net(batch)
+
+
+def _classifier_prefixes(net) -> tuple[str, ...]:
+    name = net.default_cfg.get("classifier", "head")
+    names = name if isinstance(name, (list, tuple)) else [name]
+    return tuple(f"{n}." for n in names)
+
+
+@register_backbone("timm", prefix=True)
+def timm_backbone(model: str, **options) -> TimmBackbone:
+    return TimmBackbone(model, **options)

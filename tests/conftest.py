@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated cache, and small real tasks that need no preparation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lpft.data import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_TOPICS = ROOT / "examples" / "text-topics" / "task.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh LPFT_CACHE for one test."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("LPFT_CACHE", str(path))
+    return path
+
+
+def small_digits_task(per_split: int = 60, size: int = 32) -> Task:
+    """UCI optdigits (bundled with scikit-learn): 3 classes, shifted OOD = the same digits inverted."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits(n_class=3)
+    images = (digits.images / 16.0 * 255).astype(np.uint8)
+    images = np.kron(images, np.ones((size // 8, size // 8), dtype=np.uint8))  # 8x8 -> size x size
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(images))
+    take = lambda a, b: (images[order[a:b]], digits.target[order[a:b]])  # noqa: E731
+    n = per_split
+    return Task.from_arrays(
+        "tiny-digits",
+        "image",
+        splits={"train": take(0, 2 * n), "id_val": take(2 * n, 3 * n), "id_test": take(3 * n, 4 * n)},
+        ood={"inverted": (255 - images[order[3 * n : 4 * n]], digits.target[order[3 * n : 4 * n]])},
+    )
+
+
+@pytest.fixture
+def digits_task() -> Task:
+    return small_digits_task()
