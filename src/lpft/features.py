@@ -1,0 +1,144 @@
+"""Feature extraction, cached on disk, and split data held ready for training.
+
+Features are keyed by the backbone's fingerprint (weights digest and preprocessing) and a
+digest of the split's inputs, so a second LP run, or the LP stage of LP-FT, reads them
+from disk instead of running the backbone again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lpft.backbones.base import Backbone, Batch
+from lpft.data.task import Split
+from lpft.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+PRELOAD_LIMIT_BYTES = 1 << 30  # preprocess a split up front when its tensors fit in 1 GiB
+
+
+def split_digest(split: Split) -> str:
+    """sha256 over a split's inputs: array bytes, strings, or file paths with size and mtime."""
+    h = hashlib.sha256()
+    inputs = split.inputs
+    if isinstance(inputs, np.ndarray):
+        h.update(f"{inputs.shape}{inputs.dtype}".encode())
+        h.update(np.ascontiguousarray(inputs).tobytes())
+    else:
+        for item in inputs:
+            if isinstance(item, Path):
+                stat = item.stat()
+                h.update(f"{item.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            else:
+                h.update(str(item).encode("utf-8") + b"\x00")
+    return h.hexdigest()
+
+
+def feature_cache_key(backbone: Backbone, split: Split) -> str:
+    return hashlib.sha256(f"{backbone.fingerprint}\n{split_digest(split)}".encode()).hexdigest()
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+class SplitData:
+    """A split ready to be batched: preprocessed once when small, else preprocessed per batch."""
+
+    def __init__(self, backbone: Backbone, split: Split, preload: bool | None = None, chunk: int = 512) -> None:
+        self.backbone = backbone
+        self.split = split
+        if preload is None:
+            preload = backbone.modality == "text" or self._estimated_bytes() <= PRELOAD_LIMIT_BYTES
+        self._tensors: Batch | None = None
+        if preload:
+            chunks = [backbone.preprocess(self._inputs(np.arange(i, min(i + chunk, len(split))))) for i in range(0, len(split), chunk)]
+            self._tensors = _concat(chunks)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(self.split.labels)
+
+    def batch(self, index: np.ndarray) -> Batch:
+        if self._tensors is None:
+            return self.backbone.preprocess(self._inputs(index))
+        t = torch.from_numpy(np.asarray(index))
+        if isinstance(self._tensors, dict):
+            return {k: v[t] for k, v in self._tensors.items()}
+        return self._tensors[t]
+
+    def _inputs(self, index: np.ndarray) -> Sequence:
+        inputs = self.split.inputs
+        return inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
+
+    def _estimated_bytes(self) -> int:
+        size = getattr(self.backbone, "image_size", 224)
+        return len(self.split) * 3 * size * size * 4
+
+
+def _concat(chunks: list[Batch]) -> Batch:
+    if isinstance(chunks[0], dict):  # tokenised text: pad every chunk to the longest one
+        longest = max(c["input_ids"].shape[1] for c in chunks)
+        return {
+            k: torch.cat([torch.nn.functional.pad(c[k], (0, longest - c[k].shape[1])) for c in chunks])
+            for k in chunks[0]
+        }
+    return torch.cat(chunks)
+
+
+@torch.inference_mode()
+def compute_features(
+    backbone: Backbone, data: SplitData, device: torch.device | str = "cpu", batch_size: int = 256, desc: str = ""
+) -> np.ndarray:
+    """Features ``[N, D]`` (float32) of every example, in order, with the backbone in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    out = np.empty((len(data), backbone.feature_dim), dtype=np.float32)
+    try:
+        for start in tqdm(range(0, len(data), batch_size), desc=desc or "features", unit="batch", leave=False):
+            index = np.arange(start, min(start + batch_size, len(data)))
+            out[start : start + len(index)] = backbone.features(to_device(data.batch(index), device)).float().cpu().numpy()
+    finally:
+        backbone.train(was_training)
+    return out
+
+
+def cached_features(
+    backbone: Backbone,
+    split: Split,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    cache: bool = True,
+) -> np.ndarray:
+    """Features of ``split`` under ``backbone``, read from the disk cache or computed and stored."""
+    key = feature_cache_key(backbone, split)
+    path = cache_dir() / "features" / key[:2] / f"{key}.npy"
+    if cache and path.is_file():
+        log.debug("feature cache hit %s (%s, %s)", path, backbone.name, split.name)
+        return np.load(path)
+    feats = compute_features(backbone, SplitData(backbone, split), device, batch_size, desc=f"features {split.name}")
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, feats)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
+        path.with_suffix(".json").write_text(
+            json.dumps({"backbone": backbone.name, "fingerprint": backbone.fingerprint, "split": split.name, "source": split.source, "shape": list(feats.shape)})
+        )
+        log.info("cached features of %s (%d x %d) at %s", split.name, *feats.shape, path)
+    return feats

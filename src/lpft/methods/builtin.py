@@ -1,0 +1,3 @@
+"""Built-in methods; importing this module registers them."""
+
+from lpft.methods import finetuning, linear_probe  # noqa: F401
