@@ -161,24 +161,27 @@ def split_groups(
 ) -> dict[str, np.ndarray]:
     """Row indices of ``train``/``id_val``/``id_test``: whole groups, stratified by class, seeded.
 
-    Per class, groups are shuffled; with ``max_per_class`` groups are taken in that order while
-    they fit under the cap. The kept groups are then laid end to end and each goes to the split
-    its midpoint falls in (test first, then val, then train), so split sizes track the fractions
+    A group goes to one split even when its members differ in class (mushroom is Animals &
+    Nature, brown mushroom Food & Drink); it is stratified under its most common class. Per
+    class, groups are shuffled; with ``max_per_class`` they are taken in that order while they
+    fit under the cap. The kept groups are then laid end to end and each goes to the split its
+    midpoint falls in (test first, then val, then train), so split sizes track the fractions
     in emoji, not in groups.
     """
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    primary = {key: int(np.bincount(labels[rows]).argmax()) for key, rows in members.items()}
     rng = np.random.default_rng(seed)
     out: dict[str, list[int]] = {"train": [], "id_val": [], "id_test": []}
     for c in range(len(CLASSES)):
-        members: dict[str, list[int]] = {}
-        for i in np.flatnonzero(labels == c):
-            members.setdefault(groups[i], []).append(int(i))
-        keys = sorted(members)
-        order = [keys[j] for j in rng.permutation(len(keys))]
+        keys = sorted(k for k in members if primary[k] == c)
         kept, count = [], 0
-        for key in order:
-            if max_per_class is None or count + len(members[key]) <= max_per_class:
-                kept.append(key)
-                count += len(members[key])
+        for j in rng.permutation(len(keys)):
+            size = len(members[keys[j]])
+            if max_per_class is None or count + size <= max_per_class:
+                kept.append(keys[j])
+                count += size
         done = 0
         for key in kept:
             mid = (done + len(members[key]) / 2) / count
