@@ -8,8 +8,9 @@ rendered arrays are cached per image size; the seeded split is recomputed on eac
 (it takes milliseconds), so changing ``id_style`` or ``seed`` never re-renders.
 
 Splits are made over *groups* of near-duplicate emoji (gender, hair and facing-direction
-variants of one base emoji, see :func:`group_key`), stratified by class, so no emoji
-or close variant of it is seen in training in any style. The OOD split of style ``S`` is
+variants of one base emoji, see :func:`group_key`, joined with any emoji a vendor draws
+identically), stratified by class, so no emoji or close variant of it is seen in training
+in any style. The OOD split of style ``S`` is
 the ``id_test`` emoji drawn in style ``S``: ID test and every OOD split cover exactly the
 same emoji, so their accuracies differ only by the drawing style.
 """
@@ -20,7 +21,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 NAME = "emoji-styles"
 # Bump when preparation changes what ends up in the cached arrays.
-PREP_VERSION = 1
+PREP_VERSION = 2
 STYLES: tuple[str, ...] = ("noto", "twemoji", "openmoji", "fluent-emoji-flat")
 # The Unicode emoji groups in Unicode's order, minus Flags (only 8 flags exist in all four sets).
 CLASSES: tuple[str, ...] = (
@@ -151,6 +152,29 @@ def render_svg(svg: str, size: int) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def merge_identical(groups: Sequence[str], drawings: Iterable[Sequence[str]]) -> list[str]:
+    """``groups`` with any two emoji that one style draws identically put in the same group.
+
+    Vendors reuse drawings (Fluent's cat face and grinning cat are one SVG; OpenMoji draws
+    man and person farmer alike); such pairs must not land in different splits. Each merged
+    group is named by its smallest key.
+    """
+    parent = {g: g for g in groups}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    for style_svgs in drawings:
+        first: dict[str, str] = {}
+        for g, svg in zip(groups, style_svgs):
+            a, b = root(g), root(first.setdefault(svg, g))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [root(g) for g in groups]
+
+
 def split_groups(
     labels: np.ndarray,
     groups: Sequence[str],
@@ -200,17 +224,21 @@ def prepare(size: int) -> dict[str, np.ndarray]:
     start = time.perf_counter()
     sets = {s: fetch_package(pinned(f"@iconify-json/{s}")) for s in STYLES}
     codepoints, labels = emoji_table(sets)
+    icon_sets = {style: _read_json(sets[style] / "icons.json") for style in STYLES}
+    svgs = {
+        style: [icon_svg(icon_sets[style], name, size) for name in _icon_names(sets[style], codepoints)]
+        for style in STYLES
+    }
     arrays: dict[str, np.ndarray] = {
         "codepoints": np.array(codepoints),
         "labels": np.array(labels, dtype=np.int64),
+        "groups": np.array(merge_identical([group_key(cp) for cp in codepoints], svgs.values())),
     }
     with tqdm(total=len(STYLES) * len(codepoints), desc=f"rendering emoji at {size}px", unit="img", disable=None) as bar:
         for style in STYLES:
-            icon_set = _read_json(sets[style] / "icons.json")
-            chars = _read_json(sets[style] / "chars.json")
             images = np.empty((len(codepoints), size, size, 3), dtype=np.uint8)
-            for i, cp in enumerate(codepoints):
-                images[i] = render_svg(icon_svg(icon_set, chars[cp], size), size)
+            for i, svg in enumerate(svgs[style]):
+                images[i] = render_svg(svg, size)
                 bar.update()
             blank = np.flatnonzero(images.reshape(len(images), -1).min(axis=1) == 255)
             if blank.size:
@@ -244,8 +272,7 @@ def load_emoji_styles(
     data = prepare(int(size))
     labels = data["labels"]
     names = np.array(CLASSES)[labels]
-    groups = [group_key(str(cp)) for cp in data["codepoints"]]
-    idx = split_groups(labels, groups, seed, val_fraction, test_fraction, max_per_class)
+    idx = split_groups(labels, data["groups"].tolist(), seed, val_fraction, test_fraction, max_per_class)
     id_images = data[f"images_{id_style}"]
     splits = {k: (id_images[v], names[v]) for k, v in idx.items()}
     test = idx["id_test"]
@@ -272,6 +299,11 @@ def _resolve_icon(icon_set: Mapping, name: str) -> dict:
             elif key != "parent":
                 props[key] = value
     return props
+
+
+def _icon_names(package: Path, codepoints: Sequence[str]) -> list[str]:
+    chars = _read_json(package / "chars.json")
+    return [chars[cp] for cp in codepoints]
 
 
 def _read_json(path: Path) -> dict:
