@@ -119,13 +119,15 @@ def _dark_fraction(image: np.ndarray) -> np.ndarray:
 
 def test_icon_svg_applies_frame_flips_and_rotation():
     left_half = '<rect x="0" y="0" width="8" height="16" fill="black"/>'
+    corner = '<rect x="8" y="8" width="8" height="8"/>'
     icon_set = {
         "width": 16,
         "height": 16,
-        "icons": {"l": {"body": left_half}, "shifted": {"body": '<rect x="8" y="8" width="8" height="8"/>', "left": 8, "top": 8, "width": 8, "height": 8}},
+        "icons": {"l": {"body": left_half}, "shifted": {"body": corner, "left": 8, "top": 8, "width": 8, "height": 8}},
         "aliases": {"r": {"parent": "l", "hFlip": True}, "top": {"parent": "l", "rotate": 1}, "rr": {"parent": "r"}},
     }
-    render = {n: _dark_fraction(emoji_styles.render_svg(emoji_styles.icon_svg(icon_set, n, 16), 16)) for n in icon_set["icons"] | icon_set["aliases"]}
+    names = [*icon_set["icons"], *icon_set["aliases"]]
+    render = {n: _dark_fraction(emoji_styles.render_svg(emoji_styles.icon_svg(icon_set, n, 16), 16)) for n in names}
     assert render["l"][:, :8].mean() > 0.9 and render["l"][:, 8:].mean() < 0.1
     assert render["r"][:, 8:].mean() > 0.9 and render["r"][:, :8].mean() < 0.1
     assert np.array_equal(render["rr"], render["r"])  # aliases of aliases resolve

@@ -50,7 +50,7 @@ CLASSES: tuple[str, ...] = (
     "Objects",
     "Symbols",
 )
-# The style whose metadata names the class; twemoji's and fluent's groups agree on every kept emoji.
+# The style whose metadata names the class; twemoji agrees on every kept emoji (fluent differs on 10).
 CLASS_STYLE = "noto"
 
 SKIN_TONES = frozenset({"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"})
@@ -234,7 +234,8 @@ def prepare(size: int) -> dict[str, np.ndarray]:
         "labels": np.array(labels, dtype=np.int64),
         "groups": np.array(merge_identical([group_key(cp) for cp in codepoints], svgs.values())),
     }
-    with tqdm(total=len(STYLES) * len(codepoints), desc=f"rendering emoji at {size}px", unit="img", disable=None) as bar:
+    total = len(STYLES) * len(codepoints)
+    with tqdm(total=total, desc=f"rendering emoji at {size}px", unit="img", disable=None) as bar:
         for style in STYLES:
             images = np.empty((len(codepoints), size, size, 3), dtype=np.uint8)
             for i, svg in enumerate(svgs[style]):

