@@ -9,9 +9,17 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from lpft.probe import LinearProbe, fit_logistic
 from lpft.probe_synthetic import make_features
+
+
+@pytest.fixture(autouse=True)
+def single_thread_blas():
+    """sklearn's BLAS threads spin against torch's on small problems; one thread is ~10x faster here."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @pytest.fixture(scope="module")
