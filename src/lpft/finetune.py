@@ -49,6 +49,9 @@ class FinetuneConfig:
     bn_mode: BatchNormMode = "frozen"
     seed: int = 0
     eval_batch_size: int = 256
+    # Score every split after every epoch (the history later selection rules and reports
+    # read), or only id_val, scoring the rest once for the selected epoch (faster).
+    eval_all_splits_each_epoch: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -135,9 +138,10 @@ def finetune(
 ) -> FinetuneResult:
     """Train all parameters with a per-step cosine schedule; keep the epoch with best ID-val accuracy.
 
-    Every split in ``evals`` is scored after each epoch (so later selection rules can use
-    the history); ``evals`` must contain ``id_val``. On return the model holds the weights
-    of the selected epoch and ``result.logits`` its logits on every split.
+    With ``config.eval_all_splits_each_epoch`` every split in ``evals`` is scored after each
+    epoch (so later selection rules can use the history); ``evals`` must contain ``id_val``.
+    On return the model holds the weights of the selected epoch and ``result.logits`` its
+    logits on every split.
     """
     if SELECTION_SPLIT not in evals:
         raise ValueError(f"fine-tuning selects the epoch on {SELECTION_SPLIT!r}; it is missing from evals")
@@ -169,11 +173,12 @@ def finetune(
             optimizer.step()
             schedule.step()
             step += 1
-            total_loss += float(loss) * len(index)
+            total_loss += loss.item() * len(index)
             seen += len(index)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{total_loss / seen:.3f}")
-        logits = {k: predict_logits(model, d, device, config.eval_batch_size) for k, d in evals.items()}
+        tracked = evals if config.eval_all_splits_each_epoch else {SELECTION_SPLIT: evals[SELECTION_SPLIT]}
+        logits = {k: predict_logits(model, d, device, config.eval_batch_size) for k, d in tracked.items()}
         accuracy = {k: float((v.argmax(1) == evals[k].split.labels).mean()) for k, v in logits.items()}
         result.history.append({"epoch": epoch, "train_loss": total_loss / seen, "accuracy": accuracy})
         log.info("epoch %d/%d  loss %.4f  %s", epoch, config.epochs, total_loss / seen,
@@ -184,4 +189,6 @@ def finetune(
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
+    for key in evals.keys() - result.logits.keys():
+        result.logits[key] = predict_logits(model, evals[key], device, config.eval_batch_size)
     return result
