@@ -27,7 +27,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from lpft.probe_solver import ArrayLike, Design, Preconditioner, SolveInfo, matmul, newton_cg
 
@@ -50,11 +49,18 @@ def _cpu_threads(device: torch.device, n: int | None) -> Iterator[None]:
     if device.type != "cpu" or n is None:
         yield
         return
+    try:  # ships with scikit-learn; GPU images without it still import this module
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        threadpool_limits = None
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        with threadpool_limits(limits=n, user_api="blas"):
+        if threadpool_limits is None:
             yield
+        else:
+            with threadpool_limits(limits=n, user_api="blas"):
+                yield
     finally:
         torch.set_num_threads(old)
 
@@ -104,11 +110,11 @@ class LinearProbe:
         normalize: Normalize = "scalar",
         device: str | torch.device = "auto",
         n_classes: int | None = None,
-        tol: float = 1e-6,
-        path_tol: float = 1e-4,
+        tol: float = 1e-5,
+        path_tol: float = 3e-4,
         max_iter: int = 100,
-        path_max_iter: int = 20,
-        patience: int = 3,
+        path_max_iter: int = 8,
+        patience: int = 2,
         refine_steps: int = 3,
         hessian_rows: int | None = None,
         chunk_rows: int | None = None,
@@ -180,10 +186,13 @@ class LinearProbe:
         val = None if X_val is None else Design(X_val, mean, std, dev, dtype, self.chunk_rows)
 
         rng = np.random.default_rng(self.seed)
-        m = self.hessian_rows or max(4096, min(n // 6, 4 * (d + 1)))
-        hess_idx = np.sort(rng.choice(n, size=min(m, n), replace=False))
+        m = min(n, self.hessian_rows or max(4096, n // 4))
+        hess_idx = np.sort(rng.choice(n, size=m, replace=False))
         zs = design.rows(hess_idx)
         precond = Preconditioner(zs)
+        # Tight solves use the exact Hessian (quadratic convergence); path solves the subsample.
+        all_idx = np.arange(n)
+        z_all = zs if m == n else design.rows(all_idx)
 
         solved: dict[float, torch.Tensor] = {}
         self.path_: list[dict] = []
@@ -196,9 +205,11 @@ class LinearProbe:
             else:
                 theta0 = torch.zeros(d + 1, k, dtype=torch.float64, device=dev)
             theta, L, info = newton_cg(
-                design, y, lam, theta0, hess_idx, zs, precond,
+                design, y, lam, theta0,
+                *((all_idx, z_all) if tight else (hess_idx, zs)), precond,
                 tol=self.tol if tight else self.path_tol,
                 max_iter=self.max_iter if tight else self.path_max_iter,
+                min_iter=0 if tight else 1,
             )
             solved[C] = theta
             rec = self._record(C, theta, L, y, val, yv, info, n)
