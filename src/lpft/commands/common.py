@@ -55,7 +55,7 @@ def metrics_table(records: Sequence[RunRecord], title: str) -> Table:
     table = Table(title=title)
     table.add_column("method")
     for s in splits:
-        table.add_column(s.replace("ood/", "OOD "), justify="right")
+        table.add_column({"id_val": "ID val", "id_test": "ID test"}.get(s, s.replace("ood/", "OOD ")), justify="right")
     if len(ood) > 1:
         table.add_column("OOD mean", justify="right")
     table.add_column("ECE id_test", justify="right")
@@ -81,4 +81,5 @@ def write_json(path: Path | str, payload) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
-console = Console()
+# Tables are wide (one column per OOD split): don't squeeze them to 80 columns when piped.
+console = Console(width=None if Console().is_terminal else 160)
