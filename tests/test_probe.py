@@ -171,6 +171,18 @@ def test_loss_and_grad_matches_autograd() -> None:
     loss, gW, gb = loss_and_grad(X, y, W.detach(), b.detach(), chunk_rows=128)
     ref = torch.nn.functional.cross_entropy(X @ W + b, y)
     ref.backward()
-    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert float(loss) == pytest.approx(ref.item(), rel=1e-6)
     torch.testing.assert_close(gW, W.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gb, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_bf16_loss_and_grad_close_to_float32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    X, y = torch.randn(4000, 64, generator=gen), torch.randint(0, 10, (4000,), generator=gen)
+    W, b = 0.1 * torch.randn(64, 10, generator=gen), torch.randn(10, generator=gen)
+    ref = loss_and_grad(X, y, W, b)
+    got = loss_and_grad(X.cuda().bfloat16(), y.cuda(), W.cuda(), b.cuda(), chunk_rows=1500)
+    assert float(got[0]) == pytest.approx(float(ref[0]), rel=1e-2)
+    torch.testing.assert_close(got[1].cpu(), ref[1], rtol=0.05, atol=2e-3)
+    torch.testing.assert_close(got[2].cpu(), ref[2], rtol=0.05, atol=2e-3)
