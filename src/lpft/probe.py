@@ -12,8 +12,9 @@ maps RAW features: ``logits = X @ coef_.T + intercept_``.
 
 Regularisation search: the paper fits 50 log-spaced C in [1e-7, 1e2]. Here a coarse grid
 (one value per decade) is walked upwards with warm starts, stopped once validation accuracy
-has not improved for ``patience`` values, then refined by bisection in log C around the best
-(1/2, 1/4, 1/8 decade), then the chosen C is solved tightly. ``Cs=[...]`` fits exactly the
+has not improved for ``patience`` values or fell ``stop_drop`` below the best, then refined by
+bisection in log C (1/2, 1/4, 1/8, 1/16 decade, one fit each, towards the better neighbour),
+then the chosen C is solved tightly (exact Hessian). ``Cs=[...]`` fits exactly the
 given values instead. Each fit is a sub-sampled Newton-CG solve (see ``lpft.probe_solver``).
 """
 
@@ -115,7 +116,8 @@ class LinearProbe:
         max_iter: int = 100,
         path_max_iter: int = 8,
         patience: int = 2,
-        refine_steps: int = 3,
+        stop_drop: float = 0.02,
+        refine_steps: int = 4,
         hessian_rows: int | None = None,
         chunk_rows: int | None = None,
         precision: Literal["float32", "bfloat16"] = "float32",
@@ -133,7 +135,7 @@ class LinearProbe:
         self.n_classes = n_classes
         self.tol, self.path_tol = tol, path_tol
         self.max_iter, self.path_max_iter = max_iter, path_max_iter
-        self.patience, self.refine_steps = patience, refine_steps
+        self.patience, self.stop_drop, self.refine_steps = patience, stop_drop, refine_steps
         self.hessian_rows = hessian_rows
         self.chunk_rows = chunk_rows
         self.precision = precision
@@ -210,6 +212,7 @@ class LinearProbe:
                 tol=self.tol if tight else self.path_tol,
                 max_iter=self.max_iter if tight else self.path_max_iter,
                 min_iter=0 if tight else 1,
+                max_cg=50 if tight else 10,
             )
             solved[C] = theta
             rec = self._record(C, theta, L, y, val, yv, info, n)
@@ -236,14 +239,20 @@ class LinearProbe:
                 rec = solve(float(C), tight=False)[1]
                 since_best = 0 if score(rec) >= max(score(r) for r in self.path_ + [rec]) else since_best + 1
                 self.path_.append(rec)
-                if since_best >= self.patience:
+                if since_best >= self.patience or rec["val_acc"] < max(self.path_, key=score)["val_acc"] - self.stop_drop:
                     break
+            # Bisection in log C: halve the step and probe only towards the better neighbour.
             for _ in range(self.refine_steps):
                 step /= 2.0
-                best = max(self.path_, key=score)["C"]
-                for C in (best * 10**-step, best * 10**step):
-                    if self.C_range[0] <= C <= self.C_range[1] and C not in solved:
-                        self.path_.append(solve(C, tight=False)[1])
+                best = max(self.path_, key=score)
+                below = [r for r in self.path_ if r["C"] < best["C"]]
+                above = [r for r in self.path_ if r["C"] > best["C"]]
+                lo_nb = max(below, key=lambda r: r["C"]) if below else None
+                hi_nb = min(above, key=lambda r: r["C"]) if above else None
+                go_up = lo_nb is None or (hi_nb is not None and hi_nb["val_acc"] > lo_nb["val_acc"])
+                C = best["C"] * 10 ** (step if go_up else -step)
+                if self.C_range[0] <= C <= self.C_range[1]:
+                    self.path_.append(solve(C, tight=False)[1])
 
         best_rec = max(self.path_, key=score)
         self.best_C_ = best_rec["C"]
