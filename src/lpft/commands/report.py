@@ -1,0 +1,61 @@
+"""``lpft report DB``: paper-style tables (Markdown, CSV, HTML) and plots from a results database."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.table import Table
+
+from lpft.commands.common import console
+from lpft.report import INTERVAL_NOTE, Report, ResultTable, column_name, load_results, write_report
+from lpft.selection import SelectionRule, create_rule
+
+DEFAULT_RULES = "id-val,last-epoch,oracle"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="tables and plots from a sweep's results database")
+    p.add_argument("db", type=Path, help="the SQLite results database a sweep wrote")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: 'report' beside the database)")
+    add_rules_argument(p)
+    p.add_argument("--sweep", default=None, help="only trials of this sweep name")
+    p.set_defaults(func=main)
+
+
+def add_rules_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rules", default=DEFAULT_RULES,
+        help="comma-separated selection rules, the first one drives the plots: id-val (headline), last-epoch, "
+             f"oracle or oracle:ood/<name> (always labelled oracle). Default: {DEFAULT_RULES}",
+    )
+
+
+def parse_rules(text: str) -> list[SelectionRule]:
+    return [create_rule(r.strip()) for r in text.split(",") if r.strip()]
+
+
+def rich_table(table: ResultTable) -> Table:
+    """A result table for the terminal; oracle tables are titled and styled as such."""
+    out = Table(title=table.title, title_style="bold red" if table.oracle else "bold", caption=INTERVAL_NOTE)
+    out.add_column("method")
+    for c in table.columns:
+        out.add_column(column_name(c), justify="right")
+    out.add_column("selected")
+    for row in table.rows:
+        out.add_row(row.label, *(row.cells[c].text() for c in table.columns), row.chosen)
+    return out
+
+
+def print_report(report: Report, tables: Sequence[ResultTable] | None = None) -> None:
+    for table in tables if tables is not None else report.tables:
+        console.print(rich_table(table))
+    console.print(f"wrote {report.markdown}, {report.csv}, {report.html} and {len(report.images)} plot(s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = args.out or args.db.parent / "report"
+    report = write_report(load_results(args.db, args.sweep), out, parse_rules(args.rules), title=f"lpft report: {args.db.name}")
+    print_report(report)
+    return 0
