@@ -13,6 +13,9 @@ COMMANDS: dict[str, str] = {
     "demo": "lpft.commands.demo",
     "data": "lpft.commands.data",
     "theory": "lpft.theory.cli",
+    "sweep": "lpft.commands.sweep",
+    "report": "lpft.commands.report",
+    "reproduce": "lpft.commands.reproduce",
 }
 
 
