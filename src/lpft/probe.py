@@ -101,6 +101,15 @@ class LinearProbe:
     ``path_`` (one dict per C tried, in the order tried: C, train_acc, val_acc, objective,
     loss, n_iter, n_passes, converged), ``n_classes_``, ``mean_``/``std_`` (normalisation),
     ``n_passes_`` (total passes over the training features, the unit of cost).
+
+    Options: ``Cs`` fixes the C values (one value: a single tight fit, validation optional);
+    ``tol``/``path_tol`` bound the largest gradient entry of ``F_C / (C n)`` for the chosen
+    C / along the path (sklearn's ``tol`` means the same); ``hessian_rows`` sizes the
+    Hessian subsample of path fits (default n/4); ``chunk_rows`` streams host features
+    (e.g. a memmap) to the device in row chunks; ``precision="bfloat16"`` runs the big
+    products in bf16 (for large GPU problems; the objective is then that of bf16-rounded
+    features, and CPUs without bf16 units are far slower); ``cpu_threads`` caps torch and
+    BLAS threads on CPU (1 spends the fewest CPU-seconds; raise it for wall time).
     """
 
     def __init__(
@@ -192,9 +201,9 @@ class LinearProbe:
         hess_idx = np.sort(rng.choice(n, size=m, replace=False))
         zs = design.rows(hess_idx)
         precond = Preconditioner(zs)
-        # Tight solves use the exact Hessian (quadratic convergence); path solves the subsample.
-        all_idx = np.arange(n)
-        z_all = zs if m == n else design.rows(all_idx)
+        # Tight solves use the exact Hessian (quadratic convergence) when the features are in
+        # memory; path solves, and tight ones on streamed features, use the subsample.
+        exact = (np.arange(n), design.dense) if design.dense is not None else (hess_idx, zs)
 
         solved: dict[float, torch.Tensor] = {}
         self.path_: list[dict] = []
@@ -208,7 +217,7 @@ class LinearProbe:
                 theta0 = torch.zeros(d + 1, k, dtype=torch.float64, device=dev)
             theta, L, info = newton_cg(
                 design, y, lam, theta0,
-                *((all_idx, z_all) if tight else (hess_idx, zs)), precond,
+                *(exact if tight else (hess_idx, zs)), precond,
                 tol=self.tol if tight else self.path_tol,
                 max_iter=self.max_iter if tight else self.path_max_iter,
                 min_iter=0 if tight else 1,

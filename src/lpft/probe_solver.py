@@ -74,6 +74,11 @@ class Design:
         t = torch.as_tensor(block).to(device=self.device, dtype=torch.float32)
         return ((t - self._shift) / self._scale).to(self.dtype).contiguous()
 
+    @property
+    def dense(self) -> Tensor | None:
+        """All normalised rows as one device tensor, or None when streamed."""
+        return self._z
+
     def chunks(self) -> Iterator[tuple[slice, Tensor]]:
         """(row slice, normalised rows) covering all rows once."""
         if self._z is not None:
