@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "demo": "lpft.commands.demo",
     "data": "lpft.commands.data",
     "theory": "lpft.theory.cli",
+    "diagnose": "lpft.commands.diagnose",
     "sweep": "lpft.commands.sweep",
     "report": "lpft.commands.report",
     "reproduce": "lpft.commands.reproduce",
