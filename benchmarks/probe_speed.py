@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         r = grad_bench(device, n, 2048, 1000, dtype, repeats=10 if cuda else 3)
         results["grad_bench"] = r
         print(f"loss+grad {r['dtype']} {r['n']} x {r['d']} x {r['k']} on {device}: {r['ms']:.1f} ms "
-              f"({r['tflops']:.0f} TFLOP/s; anchor 32 ms on H200, floor ~13 ms)")
+              f"({r['tflops']:.2f} TFLOP/s; anchor 32 ms on H200, floor ~13 ms)")
     else:
         rows = []
         for case in args.cases.split(","):
@@ -173,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             n, d = data["X_train"].shape
             print(f"# {case}: {n} x {d}, {int(data['y_train'].max()) + 1} classes", file=sys.stderr, flush=True)
             p = measure(lambda: probe(data, str(device)), args.repeats)
+            print(f"#   probe: {p['cpu_s']:.1f} CPU s, val {100 * p['val_acc']:.2f}", file=sys.stderr, flush=True)
             row_p = {"case": case, "method": "probe", **p}
             if args.ref_repeats > 0:
                 ref = measure(lambda: reference(data), args.ref_repeats)
+                print(f"#   sklearn: {ref['cpu_s']:.1f} CPU s, val {100 * ref['val_acc']:.2f}", file=sys.stderr, flush=True)
                 rows.append({"case": case, "method": "sklearn", **ref})
                 row_p["ratio"] = ref["cpu_s"] / p["cpu_s"]
                 row_p["val_gap_points"] = 100 * (p["val_acc"] - ref["val_acc"])
