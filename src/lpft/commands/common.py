@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lpft.distributed import is_main_process
 from lpft.experiment import RunRecord
 from lpft.finetune import FinetuneConfig
 
@@ -26,6 +27,12 @@ def add_hyperparameter_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-mode", choices=["frozen", "train"], default=DEFAULTS.bn_mode,
                    help="BatchNorm during training, the same for FT and LP-FT (default: frozen)")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=DEFAULTS.precision,
+                   help="autocast dtype; auto: bf16 on CUDA, on CPU only where it measured faster (docs/scale.md)")
+    g.add_argument("--channels-last", choices=["auto", "on", "off"], default=DEFAULTS.channels_last,
+                   help="channels_last memory format for image backbones (auto: on)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default=DEFAULTS.compile,
+                   help="torch.compile the training step (auto: on CUDA)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
@@ -45,6 +52,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(
         epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
         batch_size=args.batch_size, bn_mode=args.bn_mode, seed=args.seed,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
     )
 
 
@@ -76,6 +84,9 @@ def _short(v) -> str:
 
 
 def write_json(path: Path | str, payload) -> None:
+    """Write ``payload``; under torchrun only rank 0 writes."""
+    if not is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
