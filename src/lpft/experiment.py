@@ -13,6 +13,7 @@ import torch
 import lpft
 from lpft.backbones import Backbone, create_backbone
 from lpft.data import Task, load_task
+from lpft.distributed import local_device
 from lpft.evaluation import evaluate
 from lpft.finetune import FinetuneConfig
 from lpft.methods import MethodResult, create_method
@@ -21,10 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` means CUDA when present, else CPU."""
+    """``auto`` means CUDA when present, else CPU; under torchrun each process takes its local GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(torch.device(device))
 
 
 @dataclass
