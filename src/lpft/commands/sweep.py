@@ -18,6 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", type=Path, default=None, help="results database (default: <out>/results.sqlite)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the spec's, else auto)")
     p.add_argument("--no-report", action="store_true", help="only run the trials")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="run trials one after another here (default) or as Ray tasks (pip install 'lpft[ray]'; docs/scale.md)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start a local instance)")
+    p.add_argument("--ray-gpus-per-trial", type=float, default=0.0, help="GPUs Ray reserves for each trial")
     add_rules_argument(p)
     p.set_defaults(func=main)
 
@@ -26,7 +30,12 @@ def main(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / spec.name
     db = args.db or out / "results.sqlite"
-    summary = run_sweep(spec, db, args.device)
+    if args.engine == "ray":
+        from lpft.ray_dispatch import run_sweep_ray
+
+        summary = run_sweep_ray(spec, db, args.device, address=args.ray_address, gpus_per_trial=args.ray_gpus_per_trial)
+    else:
+        summary = run_sweep(spec, db, args.device)
     console.print(
         f"sweep {spec.name}: {summary.total} trials, {summary.skipped} already finished, {summary.finished} run now, "
         f"{summary.failed} failed ({summary.seconds:.0f}s); results in {db}"
