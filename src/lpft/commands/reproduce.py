@@ -1,6 +1,6 @@
 """``lpft reproduce``: the paper's protocol on every bundled benchmark, one command, one table each.
 
-The default mode is sized for a 2-core CPU (EfficientNet-Lite0 at 64 px on emoji-styles and
+The default mode is sized for a 2-core CPU (EfficientNet-Lite0 at 48 px on emoji-styles and
 32 px on digits, 2 learning rates per method, 3 epochs, 3 seeds); ``--full`` runs the paper's
 grids (6 learning rates per method) and 20 epochs at full resolution, for a GPU. The specs
 ship with the package (``lpft/reproduce/*.yaml``); all trials go to one results database, so
