@@ -225,7 +225,7 @@ class LinearProbe:
             )
             solved[C] = theta
             rec = self._record(C, theta, L, y, val, yv, info, n)
-            log.info(
+            log.debug(
                 "probe C=%.3g train_acc=%.4f val_acc=%s newton=%d cg=%d passes=%.1f grad=%.1e",
                 C, rec["train_acc"], "-" if yv is None else f"{rec['val_acc']:.4f}",
                 info.n_iter, info.n_cg, info.n_passes, info.grad_max,
