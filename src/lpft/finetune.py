@@ -265,7 +265,9 @@ def finetune(
     if fast.data_on_device:
         _hold_on_device([train, *evals.values()], device)
     optimizer = _optimizer(model, config, fast)
-    net: nn.Module = DistributedDataParallel(model) if ctx.enabled else model
+    # static_graph: some backbones hold parameters their features never use (BERT's pooler);
+    # DDP learns the set once instead of searching the graph every step (find_unused_parameters)
+    net: nn.Module = DistributedDataParallel(model, static_graph=True) if ctx.enabled else model
     forward = torch.compile(net) if fast.compile else net
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch

@@ -93,4 +93,4 @@ def write_json(path: Path | str, payload) -> None:
 
 
 # Tables are wide (one column per OOD split): don't squeeze them to 80 columns when piped.
-console = Console(width=None if Console().is_terminal else 160)
+console = Console(width=None if Console().is_terminal else 160, quiet=not is_main_process())  # torchrun: rank 0 prints
