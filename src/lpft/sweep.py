@@ -5,7 +5,7 @@ is resolved completely (every FinetuneConfig field written out) and identified b
 sha256 of its canonical JSON, so re-running a spec finds the trials that already finished
 and runs only the rest. :func:`run_trial` runs one resolved trial and writes it to the
 store; it is a plain top-level function of picklable arguments so a distributed dispatcher
-can call it on workers. :func:`run_sweep` is the serial loop over pending trials.
+can call it on workers. :func:`run_sweep` is the serial loop over pending trials, seed-major.
 
 Spec (all keys but ``task`` optional; defaults are the paper's protocol, DESIGN.md §2)::
 
@@ -256,13 +256,14 @@ def auto_batch_size(n_train: int) -> int:
 
 
 def expand(spec: SweepSpec) -> list[Trial]:
-    """Every trial of the spec, resolved, in a stable order (backbone, method, grid, seed).
+    """Every trial of the spec, resolved, in a stable seed-major order (seed, backbone, method, grid).
 
-    LP depends only on ``C`` and the seed, so an lr/epoch grid never multiplies LP trials.
+    Seed-major so that a sweep stopped early already covers every setting with its first
+    seeds. LP depends only on ``C`` and the seed, so an lr/epoch grid never multiplies LP trials.
     """
     n_train: int | None = None
     trials: list[Trial] = []
-    for bb in spec.backbones:
+    for seed, bb in itertools.product(spec.seeds, spec.backbones):
         for method, grid in spec.methods.items():
             keys = sorted(grid)
             for values in itertools.product(*[grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys]):
@@ -271,15 +272,11 @@ def expand(spec: SweepSpec) -> list[Trial]:
                     if n_train is None:
                         n_train = len(load_cached_task(spec.task, _canonical(spec.task_options)).train)
                     point["batch_size"] = auto_batch_size(n_train)
-                for seed in spec.seeds:
-                    if method == "lp":
-                        hyper = {**point, "seed": seed}
-                    else:
-                        hyper = FinetuneConfig(**point, seed=seed).to_dict()
-                    trials.append(Trial({
-                        "task": spec.task, "task_options": spec.task_options, "backbone": bb.name,
-                        "backbone_options": bb.options, "method": method, "hyperparameters": hyper,
-                    }))
+                hyper = {**point, "seed": seed} if method == "lp" else FinetuneConfig(**point, seed=seed).to_dict()
+                trials.append(Trial({
+                    "task": spec.task, "task_options": spec.task_options, "backbone": bb.name,
+                    "backbone_options": bb.options, "method": method, "hyperparameters": hyper,
+                }))
     return trials
 
 
