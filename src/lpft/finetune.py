@@ -181,14 +181,6 @@ def resolve_fast_path(config: FinetuneConfig, backbone: Backbone, device: torch.
     )
 
 
-def set_batchnorm_mode(model: nn.Module, mode: BatchNormMode) -> None:
-    """Put BatchNorm layers in eval mode when ``mode == "frozen"`` (call after ``model.train()``)."""
-    if mode == "frozen":
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-
-
 @torch.inference_mode()
 def predict_logits(
     model: Classifier, data: SplitData, device: torch.device, batch_size: int = 256, fast: FastPath | None = None

@@ -91,6 +91,25 @@ class ImageBackbone(Backbone):
         return x
 
 
+class PooledImageBackbone(ImageBackbone):
+    """An image network ``self.net`` whose forward already returns pooled features (no classifier)."""
+
+    net: nn.Module
+    _fingerprint: str
+
+    def _set_fingerprint(self, weights: str) -> None:
+        """Key the feature cache on the weights file's digest, or on the weights themselves (random/download)."""
+        weights_id = file_digest(weights) if Path(str(weights)).is_file() else digest_state_dict(self.net.state_dict())
+        self._fingerprint = f"{self.name}|{weights_id}|{self.preprocess_signature}"
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.net(batch)
+
+
 def _load_rgb(path: Path | str) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB")).copy()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from lpft.backbones.base import BackboneError, ImageBackbone, digest_state_dict, file_digest, load_weights_file
+from lpft.backbones.base import BackboneError, PooledImageBackbone, load_weights_file
 from lpft.backbones.registry import register_backbone
 
 
-class TimmBackbone(ImageBackbone):
+class TimmBackbone(PooledImageBackbone):
     """``timm.create_model(name, num_classes=0)``; weights from a local file, ``"random"`` or ``"download"``."""
 
     def __init__(self, model: str, weights: str | None = None, image_size: int | None = None) -> None:
@@ -34,15 +30,7 @@ class TimmBackbone(ImageBackbone):
         self.name = f"timm:{model}"
         self.net = net
         self.feature_dim = int(net.num_features)
-        weights_id = file_digest(weights) if Path(str(weights)).is_file() else digest_state_dict(net.state_dict())
-        self._fingerprint = f"{self.name}|{weights_id}|{self.preprocess_signature}"
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def features(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.net(batch)
+        self._set_fingerprint(weights)
 
 
 def _classifier_prefixes(net) -> tuple[str, ...]:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from torch import nn
 
-from lpft.backbones.base import BackboneError, ImageBackbone, digest_state_dict, file_digest, load_weights_file
+from lpft.backbones.base import BackboneError, PooledImageBackbone, load_weights_file
 from lpft.backbones.registry import register_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class TorchvisionBackbone(ImageBackbone):
+class TorchvisionBackbone(PooledImageBackbone):
     """``torchvision.models.get_model(name)`` with weights from a local file, ``"random"`` or ``"download"``."""
 
     def __init__(self, model: str, weights: str | None = None, image_size: int = 224) -> None:
@@ -35,15 +32,7 @@ class TorchvisionBackbone(ImageBackbone):
         self.name = f"torchvision:{model}"
         self.feature_dim = _drop_classifier(net)
         self.net = net
-        weights_id = file_digest(weights) if Path(str(weights)).is_file() else digest_state_dict(net.state_dict())
-        self._fingerprint = f"{self.name}|{weights_id}|{self.preprocess_signature}"
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def features(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.net(batch)
+        self._set_fingerprint(weights)
 
 
 def _drop_classifier(net: nn.Module) -> int:
