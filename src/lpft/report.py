@@ -351,9 +351,9 @@ def write_report(
     by_setup: dict[tuple[str, str], list[TrialResult]] = defaultdict(list)
     for t in trials:
         by_setup[(t.task, t.backbone)].append(t)
-    several = len({b for _, b in by_setup}) > 1
     images = []
     for (task, backbone), group in by_setup.items():
+        several = sum(t == task for t, _ in by_setup) > 1  # name the backbone only when a task has several
         slug = _slug(task + (f"_{backbone}" if several else ""))
         table = next(t for t in tables if (t.task, t.backbone, t.rule) == (task, backbone, rules[0].name))
         if any(c.startswith("ood/") for c in table.columns):
