@@ -233,7 +233,11 @@ class LinearProbe:
             return theta, rec
 
         def score(rec: dict) -> tuple[float, float]:
-            return (rec["val_acc"] if yv is not None else 0.0, -rec["C"])
+            # Accuracy first; ties (common on small or easy validation sets) go to the lower
+            # validation loss, not the smallest C, whose near-zero head is badly calibrated.
+            if yv is None:
+                return (0.0, -rec["C"])
+            return (rec["val_acc"], -rec["val_loss"])
 
         if self.Cs is not None:
             for C in self.Cs:
@@ -287,13 +291,16 @@ class LinearProbe:
         lse = torch.logsumexp(L, 1)
         loss = float((lse - L.gather(1, y[:, None]).squeeze(1)).double().mean())
         objective = C * n * loss + 0.5 * float((theta[:-1] ** 2).sum())
-        val_acc = float("nan")
+        val_acc = val_loss = float("nan")
         if val is not None and yv is not None:
-            val_acc = float((val.logits(theta).argmax(1) == yv).double().mean())
+            vl = val.logits(theta)
+            val_acc = float((vl.argmax(1) == yv).double().mean())
+            val_loss = float((torch.logsumexp(vl, 1) - vl.gather(1, yv[:, None]).squeeze(1)).double().mean())
         return {
             "C": C,
             "train_acc": float((L.argmax(1) == y).double().mean()),
             "val_acc": val_acc,
+            "val_loss": val_loss,
             "objective": objective,
             "loss": loss,
             "n_iter": info.n_iter,
