@@ -6,28 +6,22 @@ from collections.abc import Callable
 from typing import Any
 
 from lpft.backbones.base import Backbone, BackboneError
+from lpft.registry import Registry
 
 BackboneFactory = Callable[..., Backbone]
-_EXACT: dict[str, BackboneFactory] = {}
-_PREFIX: dict[str, BackboneFactory] = {}
+_EXACT: Registry[BackboneFactory] = Registry("backbone")
+_PREFIX: Registry[BackboneFactory] = Registry("backbone prefix")
 
 
 def register_backbone(name: str, prefix: bool = False) -> Callable[[BackboneFactory], BackboneFactory]:
     """Register a factory; with ``prefix=True`` it serves ``name:<anything>`` and receives that suffix as ``model``."""
 
-    def wrap(factory: BackboneFactory) -> BackboneFactory:
-        table = _PREFIX if prefix else _EXACT
-        if name in table:
-            raise ValueError(f"backbone {name!r} registered twice")
-        table[name] = factory
-        return factory
-
-    return wrap
+    return (_PREFIX if prefix else _EXACT).register(name)
 
 
 def backbone_names() -> list[str]:
     _import_builtin()
-    return sorted(_EXACT) + [f"{p}:<name>" for p in sorted(_PREFIX)]
+    return _EXACT.names() + [f"{p}:<name>" for p in _PREFIX.names()]
 
 
 def create_backbone(name: str, **options: Any) -> Backbone:

@@ -6,26 +6,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lpft.data.task import Task, TaskError
+from lpft.registry import Registry
 
 BenchmarkLoader = Callable[..., Task]
-_BENCHMARKS: dict[str, BenchmarkLoader] = {}
+_BENCHMARKS: Registry[BenchmarkLoader] = Registry("benchmark")
 
 
 def register_benchmark(name: str) -> Callable[[BenchmarkLoader], BenchmarkLoader]:
     """Register ``fn(**options) -> Task`` under ``name``; the loader prepares and caches its data."""
 
-    def wrap(fn: BenchmarkLoader) -> BenchmarkLoader:
-        if name in _BENCHMARKS:
-            raise ValueError(f"benchmark {name!r} registered twice")
-        _BENCHMARKS[name] = fn
-        return fn
-
-    return wrap
+    return _BENCHMARKS.register(name)
 
 
 def benchmark_names() -> list[str]:
     _import_builtin()
-    return sorted(_BENCHMARKS)
+    return _BENCHMARKS.names()
 
 
 def load_task(spec: str | Path, **options) -> Task:
@@ -38,7 +33,7 @@ def load_task(spec: str | Path, **options) -> Task:
         from lpft.data.files import load_task_yaml
 
         return load_task_yaml(path)
-    raise TaskError(f"unknown task {str(spec)!r}: not a bundled benchmark {sorted(_BENCHMARKS)} nor a YAML file")
+    raise TaskError(f"unknown task {str(spec)!r}: not a bundled benchmark {_BENCHMARKS.names()} nor a YAML file")
 
 
 def _import_builtin() -> None:

@@ -13,6 +13,7 @@ import torch
 from lpft.backbones.base import Backbone
 from lpft.data.task import Task
 from lpft.finetune import Classifier, FinetuneConfig
+from lpft.registry import Registry
 
 
 @dataclass
@@ -39,29 +40,26 @@ class Method(ABC):
         """Train on ``task.train``, select on ``task.id_val``; return logits for every eval split."""
 
 
-_METHODS: dict[str, type[Method]] = {}
+_METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     def wrap(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} registered twice")
         cls.name = name
-        _METHODS[name] = cls
-        return cls
+        return _METHODS.register(name)(cls)
 
     return wrap
 
 
 def method_names() -> list[str]:
     _import_builtin()
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def create_method(name: str) -> Method:
     _import_builtin()
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {sorted(_METHODS)}")
+        raise ValueError(f"unknown method {name!r}; choose from {_METHODS.names()}")
     return _METHODS[name]()
 
 
