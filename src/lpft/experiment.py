@@ -52,10 +52,11 @@ def run_method(
     """Fit ``method`` and evaluate it on every split of ``task``."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    result = create_method(method).fit(task, backbone, config, device)
+    fitter = create_method(method)
+    result = fitter.fit(task, backbone, config, device)
     fit_seconds = time.perf_counter() - start
     metrics = evaluate(task, result.logits)
-    hyperparameters = config.to_dict() if method != "lp" else {"seed": config.seed}
+    hyperparameters = fitter.hyperparameters(config)
     record = RunRecord(
         task=task.name,
         backbone=backbone.name,

@@ -39,6 +39,10 @@ class Method(ABC):
     def fit(self, task: Task, backbone: Backbone, config: FinetuneConfig, device: torch.device) -> MethodResult:
         """Train on ``task.train``, select on ``task.id_val``; return logits for every eval split."""
 
+    def hyperparameters(self, config: FinetuneConfig) -> dict[str, Any]:
+        """The part of ``config`` this method reads, as recorded with its results."""
+        return config.to_dict()
+
 
 _METHODS: Registry[type[Method]] = Registry("method")
 

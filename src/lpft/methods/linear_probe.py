@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,10 @@ def fit_linear_probe(task: Task, backbone: Backbone, device: torch.device) -> tu
 @register_method("lp")
 class LinearProbing(Method):
     """Freeze the backbone; fit an L2 logistic-regression head along a path of C values."""
+
+    def hyperparameters(self, config: FinetuneConfig) -> dict[str, Any]:
+        """LP reads no fine-tuning setting; its C is chosen on id_val and reported in ``selected``."""
+        return {"seed": config.seed}
 
     def fit(self, task: Task, backbone: Backbone, config: FinetuneConfig, device: torch.device) -> MethodResult:
         probe, logits = fit_linear_probe(task, backbone, device)
