@@ -102,3 +102,22 @@ def test_report_command_reads_the_database(tmp_path, capsys):
     assert "ORACLE" in out and "LP-FT" in out
     text = (tmp_path / "report" / "results.md").read_text()
     assert "oracle (selected on ood/a test accuracy)" in text
+
+
+def test_calibration_columns_come_from_the_kept_epoch():
+    """ECE (before -> after temperature scaling) is shown where the rule's epoch is the one the
+    trial kept (its metrics hold calibration), and '–' where it is not (history has accuracy only)."""
+    def with_ts(t: TrialResult, ece: float) -> TrialResult:
+        metrics = {k: {**m, "ece": ece, "ece_ts": ece / 2} for k, m in t.metrics.items()}
+        return TrialResult(t.task, t.backbone, t.method, t.hyperparameters, t.seed, metrics, t.history, t.selected)
+
+    trials = [with_ts(t, 0.1 + 0.01 * t.seed) for t in TRIALS]
+    headline, last, oracle = build_tables(trials, RULES)
+    for row in headline.rows:
+        assert row.calibration["ece ID"].mean == pytest.approx(0.11) and row.calibration["ece_ts OOD"].mean == pytest.approx(0.055)
+        assert row.ece_text("ID") == "0.110 → 0.055"
+        assert row.calibration["nll ID"] is None  # these trials stored no NLL
+    # FT at lr 1e-3 kept epoch 2 (best ID val); the oracle picks lr 1e-2 at epoch 1, which the trial did not keep
+    assert oracle.rows[1].ece_text("OOD") == "–" and oracle.rows[0].ece_text("OOD") == "0.110 → 0.055"
+    markdown = to_markdown([headline, oracle])
+    assert "| ECE ID | ECE OOD |" in markdown and "0.110 → 0.055" in markdown and "–" in markdown

@@ -2,9 +2,10 @@
 
 One table per (task, backbone) and selection rule: rows are methods (LP, FT, LP-FT, ...),
 columns ID test accuracy, each OOD split, their mean, and ID validation (what was
-selected on). Cells are the mean over seeds ± the half-width of a 90% Student-t
-confidence interval (the paper reports 90% intervals over 3 seeds). Tables from the
-OOD-oracle rule say "oracle" in their title, in every row label and in every CSV row.
+selected on), then calibration (ECE before -> after temperature scaling, ID and OOD).
+Cells are the mean over seeds ± the half-width of a 90% Student-t confidence interval
+(the paper reports 90% intervals over 3 seeds). Tables from the OOD-oracle rule say
+"oracle" in their title, in every row label and in every CSV row.
 
 Written as Markdown, CSV and one self-contained HTML page (plots inlined), plus PNGs:
 ID vs OOD accuracy per method (a point per seed and the mean) and accuracy vs learning rate.
@@ -39,6 +40,12 @@ METHOD_COLORS = {"lp": "C0", "ft": "C1", "lpft": "C2"}
 INTERVAL_NOTE = (
     "Cells: mean over seeds ± half-width of the 90% Student-t confidence interval "
     "(t quantile with n-1 degrees of freedom; '±' is omitted when n = 1)."
+)
+CALIBRATION = ("ece", "nll", "brier")  # each also after temperature scaling fitted on ID val ("_ts")
+CALIBRATION_NOTE = (
+    "ECE: 15-bin expected calibration error, mean over seeds, before → after temperature scaling "
+    "fitted on ID validation (OOD: mean over OOD splits); the CSV adds NLL and Brier with intervals. "
+    "'–' where a seed's chosen epoch is not the one its trial kept (only that epoch's calibration is stored)."
 )
 
 
@@ -99,6 +106,11 @@ class Row:
     cells: dict[str, Cell]
     chosen: str
     seeds: list[int]
+    calibration: dict[str, Cell | None] = field(default_factory=dict)  # "ece ID", "ece_ts OOD", ...
+
+    def ece_text(self, group: str) -> str:
+        before, after = self.calibration.get(f"ece {group}"), self.calibration.get(f"ece_ts {group}")
+        return "–" if before is None or after is None else f"{before.mean:.3f} → {after.mean:.3f}"
 
 
 @dataclass
@@ -150,6 +162,21 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def _calibration(selection: Selection, ood: Sequence[str]) -> dict[str, Cell | None]:
+    """Per calibration metric, before and after temperature scaling: ID test and the OOD mean over seeds."""
+    out: dict[str, Cell | None] = {}
+    for name in CALIBRATION:
+        for metric in (name, f"{name}_ts"):
+            for group, splits in (("ID", ["id_test"]), ("OOD", list(ood))):
+                per_split = [selection.metric(k, metric) for k in splits]
+                if not splits or any(v is None for v in per_split):
+                    out[f"{metric} {group}"] = None
+                    continue
+                values = np.mean(per_split, axis=0)
+                out[f"{metric} {group}"] = Cell(*t_interval(values), len(values))
+    return out
+
+
 def build_tables(trials: Sequence[TrialResult], rules: Sequence[SelectionRule]) -> list[ResultTable]:
     """Tables for every (task, backbone), in the order of ``rules`` within each."""
     by_setup: dict[tuple[str, str], list[TrialResult]] = defaultdict(list)
@@ -170,7 +197,7 @@ def build_tables(trials: Sequence[TrialResult], rules: Sequence[SelectionRule]) 
                 cells = {k: Cell(*t_interval(v), len(v)) for k, v in per_seed.items()}
                 label = METHOD_LABELS.get(sel.method, sel.method) + (" (oracle)" if rule.oracle else "")
                 table.rows.append(Row(sel.method, label, cells, _chosen(sel, varied.get(sel.method, set())),
-                                      [c.seed for c in sel.choices]))
+                                      [c.seed for c in sel.choices], _calibration(sel, ood)))
             tables.append(table)
     return tables
 
@@ -184,32 +211,40 @@ def _varied(trials: Iterable[TrialResult]) -> dict[str, set[str]]:
     return {m: {k for k, vs in hp.items() if len(vs) > 1 or k in ("lr", "C")} for m, hp in values.items()}
 
 
+ECE_HEADERS = ("ECE ID", "ECE OOD")
+
+
 def to_markdown(tables: Sequence[ResultTable]) -> str:
     out = []
     for table in tables:
-        header = ["method", *(column_name(c) for c in table.columns), "selected hyperparameters", "seeds"]
+        header = ["method", *(column_name(c) for c in table.columns), *ECE_HEADERS, "selected hyperparameters", "seeds"]
         out += [f"### {table.title}", "", "| " + " | ".join(header) + " |",
-                "|" + "|".join([":--", *["--:"] * len(table.columns), ":--", "--:"]) + "|"]
+                "|" + "|".join([":--", *["--:"] * (len(table.columns) + len(ECE_HEADERS)), ":--", "--:"]) + "|"]
         for row in table.rows:
-            cells = [row.cells[c].text() for c in table.columns]
+            cells = [row.cells[c].text() for c in table.columns] + [row.ece_text(g) for g in ("ID", "OOD")]
             out.append("| " + " | ".join([row.label, *cells, row.chosen, str(len(row.seeds))]) + " |")
         out.append("")
-    out.append(INTERVAL_NOTE + " Accuracy in %.")
+    out.append(INTERVAL_NOTE + " Accuracy in %. " + CALIBRATION_NOTE)
     return "\n".join(out) + "\n"
 
 
 def write_csv(tables: Sequence[ResultTable], path: Path) -> None:
-    """Long format: one row per (table, method, column), with the rule and an explicit oracle flag."""
+    """Long format: one row per (table, method, column), with the rule and an explicit oracle flag.
+
+    Accuracy columns hold fractions; calibration columns are named ``<metric>[_ts] ID|OOD``.
+    """
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task", "backbone", "selection", "oracle", "method", "column", "mean", "ci90_half_width",
                     "n_seeds", "selected"])
         for t in tables:
             for row in t.rows:
-                for c in t.columns:
-                    cell = row.cells[c]
+                named = [(column_name(c), row.cells[c]) for c in t.columns] + list(row.calibration.items())
+                for name, cell in named:
+                    if cell is None:
+                        continue
                     w.writerow([t.task, t.backbone, t.rule_label, "oracle" if t.oracle else "no", row.label,
-                                column_name(c), f"{cell.mean:.6f}", "" if math.isnan(cell.half) else f"{cell.half:.6f}",
+                                name, f"{cell.mean:.6f}", "" if math.isnan(cell.half) else f"{cell.half:.6f}",
                                 cell.n, row.chosen])
 
 
@@ -220,14 +255,16 @@ def to_html(tables: Sequence[ResultTable], images: Sequence[Path], title: str) -
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,td:nth-last-child(2){text-align:left}"
              ".oracle{background:#fff3e0}.oracle caption{color:#b35900;font-weight:bold}caption{text-align:left}"
              "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-             f"<p>{html.escape(INTERVAL_NOTE)} Accuracy in %. Headline numbers use ID-validation selection.</p>"]
+             f"<p>{html.escape(INTERVAL_NOTE)} Accuracy in %. Headline numbers use ID-validation selection. "
+             f"{html.escape(CALIBRATION_NOTE)}</p>"]
     for t in tables:
         cls = " class='oracle'" if t.oracle else ""
         parts.append(f"<table{cls}><caption>{html.escape(t.title)}</caption><tr><th>method</th>")
-        parts += [f"<th>{html.escape(column_name(c))}</th>" for c in t.columns]
+        parts += [f"<th>{html.escape(h)}</th>" for h in [*(column_name(c) for c in t.columns), *ECE_HEADERS]]
         parts.append("<th>selected hyperparameters</th><th>seeds</th></tr>")
         for row in t.rows:
-            cells = "".join(f"<td>{html.escape(row.cells[c].text())}</td>" for c in t.columns)
+            texts = [row.cells[c].text() for c in t.columns] + [row.ece_text(g) for g in ("ID", "OOD")]
+            cells = "".join(f"<td>{html.escape(x)}</td>" for x in texts)
             parts.append(f"<tr><td>{html.escape(row.label)}</td>{cells}<td>{html.escape(row.chosen)}</td>"
                          f"<td>{len(row.seeds)}</td></tr>")
         parts.append("</table>")

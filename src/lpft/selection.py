@@ -76,13 +76,24 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class EpochChoice:
-    """The epoch a rule picked in one trial, the accuracies there, and the rule's score."""
+    """The epoch a rule picked in one trial, the accuracies there, and the rule's score.
+
+    ``metrics`` holds every metric of every split (calibration too) when the picked epoch is
+    the one the trial itself kept; otherwise None, because the per-epoch history stores
+    accuracy only.
+    """
 
     seed: int
     epoch: int | None
     accuracy: dict[str, float]
     score: float
     selected: Mapping[str, Any] = field(default_factory=dict)  # what the trial itself chose (e.g. LP's C)
+    metrics: Mapping[str, Mapping[str, float]] | None = None
+
+
+def _choice(trial: TrialResult, epoch: int | None, accuracy: dict[str, float], score: float) -> EpochChoice:
+    kept = epoch is None or epoch == trial.selected.get("epoch")
+    return EpochChoice(trial.seed, epoch, accuracy, score, trial.selected, trial.metrics if kept else None)
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,11 @@ class Selection:
     def accuracies(self, split: str) -> list[float]:
         """Per-seed accuracy on ``split`` at the chosen epochs."""
         return [c.accuracy[split] for c in self.choices]
+
+    def metric(self, split: str, name: str) -> list[float] | None:
+        """Per-seed ``name`` (e.g. ``"ece"``) on ``split``, or None when any seed lacks it there."""
+        values = [None if c.metrics is None else c.metrics.get(split, {}).get(name) for c in self.choices]
+        return None if any(v is None for v in values) else [float(v) for v in values]  # type: ignore[arg-type]
 
 
 class SelectionRule(ABC):
@@ -158,7 +174,7 @@ def _argmax_epoch(trial: TrialResult, score_of: Any) -> EpochChoice:
     for epoch, accuracy in trial.epochs():
         score = score_of(trial, accuracy)
         if best is None or score > best.score:  # strict: ties keep the earlier epoch
-            best = EpochChoice(trial.seed, epoch, accuracy, score, trial.selected)
+            best = _choice(trial, epoch, accuracy, score)
     assert best is not None
     return best
 
@@ -221,7 +237,7 @@ class LastEpoch(SelectionRule):
 
     def choose(self, trial: TrialResult) -> EpochChoice:
         epoch, accuracy = trial.epochs()[-1]
-        return EpochChoice(trial.seed, epoch, accuracy, _accuracy(trial, accuracy, ID_VAL), trial.selected)
+        return _choice(trial, epoch, accuracy, _accuracy(trial, accuracy, ID_VAL))
 
 
 RULES: dict[str, type[SelectionRule]] = {r.name: r for r in (IDValidation, OODOracle, LastEpoch)}
