@@ -112,6 +112,10 @@ class Row:
         before, after = self.calibration.get(f"ece {group}"), self.calibration.get(f"ece_ts {group}")
         return "–" if before is None or after is None else f"{before.mean:.3f} → {after.mean:.3f}"
 
+    def ece_texts(self) -> list[str]:
+        """The cells under :data:`ECE_HEADERS`."""
+        return [self.ece_text(g) for g in ("ID", "OOD")]
+
 
 @dataclass
 class ResultTable:
@@ -221,7 +225,7 @@ def to_markdown(tables: Sequence[ResultTable]) -> str:
         out += [f"### {table.title}", "", "| " + " | ".join(header) + " |",
                 "|" + "|".join([":--", *["--:"] * (len(table.columns) + len(ECE_HEADERS)), ":--", "--:"]) + "|"]
         for row in table.rows:
-            cells = [row.cells[c].text() for c in table.columns] + [row.ece_text(g) for g in ("ID", "OOD")]
+            cells = [row.cells[c].text() for c in table.columns] + row.ece_texts()
             out.append("| " + " | ".join([row.label, *cells, row.chosen, str(len(row.seeds))]) + " |")
         out.append("")
     out.append(INTERVAL_NOTE + " Accuracy in %. " + CALIBRATION_NOTE)
@@ -263,7 +267,7 @@ def to_html(tables: Sequence[ResultTable], images: Sequence[Path], title: str) -
         parts += [f"<th>{html.escape(h)}</th>" for h in [*(column_name(c) for c in t.columns), *ECE_HEADERS]]
         parts.append("<th>selected hyperparameters</th><th>seeds</th></tr>")
         for row in t.rows:
-            texts = [row.cells[c].text() for c in t.columns] + [row.ece_text(g) for g in ("ID", "OOD")]
+            texts = [row.cells[c].text() for c in t.columns] + row.ece_texts()
             cells = "".join(f"<td>{html.escape(x)}</td>" for x in texts)
             parts.append(f"<tr><td>{html.escape(row.label)}</td>{cells}<td>{html.escape(row.chosen)}</td>"
                          f"<td>{len(row.seeds)}</td></tr>")

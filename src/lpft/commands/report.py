@@ -44,8 +44,7 @@ def rich_table(table: ResultTable) -> Table:
         out.add_column(header, justify="right")
     out.add_column("selected")
     for row in table.rows:
-        out.add_row(row.label, *(row.cells[c].text() for c in table.columns), row.ece_text("ID"), row.ece_text("OOD"),
-                    row.chosen)
+        out.add_row(row.label, *(row.cells[c].text() for c in table.columns), *row.ece_texts(), row.chosen)
     return out
 
 
