@@ -3,16 +3,17 @@
 The probe's parameters (d*K) are few next to the data (n*d), so the cost is the number of
 passes over the features. Newton steps need far fewer passes than L-BFGS:
 
-- the Hessian-vector products of the conjugate-gradient inner solve use a fixed random
-  subsample of rows (sub-sampled Newton), so the inner solve costs a fraction of a pass;
+- the Hessian-vector products of the conjugate-gradient inner solve use either every row
+  (exact; 2 passes per CG step, and the step's logits come for free) or a fixed random
+  subsample of rows (sub-sampled Newton; a fraction of a pass, plus one pass for the logits);
 - CG is preconditioned with a Kronecker (K-FAC-like) approximation of the Hessian,
   ``Sigma (x) A + lambda I``, where Sigma is the (subsampled) second moment of the
   features and A the mean softmax curvature; both eigendecompositions are small;
-- the logits are updated along the search direction, so a line search costs no pass.
+- the logits are updated along the search direction, so a line search costs no pass;
+- a solve returns its logits and data gradient, so the next C starts without a pass.
 
-Per Newton step this costs two passes over the data (logits of the direction, gradient).
-Big products run in float32 (the features' precision); parameters, gradients and sums
-are float64.
+Besides CG, a Newton step costs one pass for the gradient. Big products run in float32
+(the features' precision); parameters, gradients and sums are float64.
 """
 
 from __future__ import annotations
@@ -148,9 +149,10 @@ class Preconditioner:
     def __init__(self, zs: Tensor) -> None:
         z1 = torch.cat([zs.float(), torch.ones(zs.shape[0], 1, device=zs.device)], 1)
         sigma = matmul(z1.T.contiguous(), z1).double() / zs.shape[0]
-        s, u = torch.linalg.eigh(sigma)
-        self.s = s.clamp_min(0.0)
-        self.u = u.float()
+        # float32 is ample for a preconditioner and halves the one d x d eigendecomposition.
+        s, u = torch.linalg.eigh(sigma.float())
+        self.s = s.double().clamp_min(0.0)
+        self.u = u
 
     def factor(self, ps: Tensor, lam: float) -> tuple[Tensor, Tensor]:
         """Eigenvectors of A and the (d+1) x K divisor for the current softmax outputs."""
@@ -164,11 +166,24 @@ class Preconditioner:
         return matmul(matmul(self.u, inner), v.T.contiguous()).double()
 
 
+@dataclass
+class Point:
+    """An iterate with the per-row quantities that cost a pass each to recompute.
+
+    ``logits`` are those of ``theta`` on the design (float64); ``data_grad`` is the gradient
+    of the mean cross-entropy alone, so it stays valid when the next fit changes lambda.
+    """
+
+    theta: Tensor
+    logits: Tensor | None = None
+    data_grad: Tensor | None = None
+
+
 def newton_cg(
     design: Design,
     y: Tensor,
     lam: float,
-    theta: Tensor,
+    start: Point,
     hess_idx: np.ndarray,
     zs: Tensor,
     precond: Preconditioner,
@@ -176,22 +191,31 @@ def newton_cg(
     max_iter: int,
     min_iter: int = 0,
     max_cg: int = 50,
-) -> tuple[Tensor, Tensor, SolveInfo]:
-    """Minimise ``mean_i CE_i + lam/2 ||W||^2`` from ``theta = [W; b]``.
+    forcing: float = 0.5,
+    abandon: Callable[[Tensor], bool] | None = None,
+) -> tuple[Point, SolveInfo]:
+    """Minimise ``mean_i CE_i + lam/2 ||W||^2`` from ``start`` (``theta = [W; b]``).
 
-    Returns the solution, its logits on the design and a ``SolveInfo``. Stops when the
-    largest gradient entry is below ``tol`` (the quantity sklearn's lbfgs ``tol`` bounds),
-    after at least ``min_iter`` steps (so a warm start from a nearby C still moves).
-    When ``zs`` holds every row in order (``hess_idx`` is ``arange(n)``) the Hessian is
-    exact, convergence is quadratic, and the step's logits are accumulated during CG.
+    Returns the solution (with its logits and, unless the last step stalled, its data
+    gradient) and a ``SolveInfo``. Stops when the largest gradient entry is below ``tol``
+    (the quantity sklearn's lbfgs ``tol`` bounds), after at least ``min_iter`` steps (so a
+    warm start from a nearby C still moves). When ``zs`` holds every row in order
+    (``hess_idx`` is ``arange(n)``) the Hessian is exact and the step's logits are
+    accumulated during CG. CG stops at a relative residual ``eta = min(forcing,
+    sqrt(|g|))`` (superlinear convergence), but never tighter than ``tol`` needs.
+    ``abandon(theta)``, asked after each step, ends the solve early when it returns True.
     """
     n, m = design.n, zs.shape[0]
     full = m == n
     hidx = torch.as_tensor(hess_idx, device=design.device)
     rows = torch.arange(n, device=design.device)
-    theta = theta.clone()
-    L = design.logits(theta)
-    passes, n_cg, it = 1.0, 0, 0
+    theta = start.theta.clone()
+    passes, n_cg, it = 0.0, 0, 0
+    L = start.logits
+    if L is None:
+        L = design.logits(theta)
+        passes += 1.0
+    G = start.data_grad
     converged = False
 
     def penalty(th: Tensor) -> float:
@@ -201,11 +225,13 @@ def newton_cg(
     f = ce + penalty(theta)
     while True:
         P = torch.exp(L - lse[:, None])
-        R = P.clone()
-        R[rows, y] -= 1.0
-        g = design.grad(R) / n
+        if G is None:
+            R = P.clone()
+            R[rows, y] -= 1.0
+            G = design.grad(R) / n
+            passes += 1.0
+        g = G.clone()
         g[:-1] += lam * theta[:-1]
-        passes += 1.0
         gmax = float(g.abs().max())
         if gmax <= tol and it >= min_iter:
             converged = True
@@ -213,11 +239,12 @@ def newton_cg(
         if it >= max_iter:
             break
         it += 1
-        # Inexact Newton direction by preconditioned CG on the subsampled Hessian.
+        # Inexact Newton direction by preconditioned CG on the (subsampled) Hessian. The new
+        # gradient is about the CG residual, so a residual far below tol buys nothing.
         ps = P[hidx].float()
         v, div = precond.factor(ps, lam)
         gnorm = float(g.norm())
-        eta = min(0.5, math.sqrt(gnorm))
+        eta = max(min(forcing, math.sqrt(gnorm)), 0.5 * tol / gmax)
         step = torch.zeros_like(theta)
         dL = torch.zeros_like(L) if full else None
         r = -g
@@ -269,10 +296,11 @@ def newton_cg(
         stalled = f - f_new <= 1e-15 * max(1.0, abs(f))
         theta += a * step
         L, lse, f = L_new, lse_new, f_new
-        if stalled:
+        G = None
+        if stalled or (abandon is not None and abandon(theta)):
             break
     info = SolveInfo(n_iter=it, n_cg=n_cg, n_passes=passes, grad_max=gmax, converged=converged)
-    return theta, L, info
+    return Point(theta, L, G), info
 
 
 def _residual(logits: Tensor, bias: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
