@@ -9,6 +9,8 @@ would flatter the probe.
 
     python benchmarks/probe_speed.py                       # both synthetic cases
     python benchmarks/probe_speed.py --cases 512x10 --repeats 3
+    python benchmarks/probe_speed.py --cases real                      # digits' cached Lite0 features
+    python benchmarks/probe_speed.py --cases real --task emoji-styles --image-size 64
     python benchmarks/probe_speed.py --cases real --features cached.npz
     python benchmarks/probe_speed.py --grad-bench --device cuda
 
@@ -43,15 +45,31 @@ SYNTHETIC = {
 }
 
 
-def load_case(name: str, features: Path | None, seed: int) -> dict[str, np.ndarray]:
+def bundled_features(task_name: str, backbone_name: str, image_size: int) -> dict[str, np.ndarray]:
+    """A bundled benchmark's train / ID-val / ID-test features from lpft's feature cache
+    (computed and cached on first use; not counted in the timings)."""
+    from lpft.backbones.registry import create_backbone
+    from lpft.data import load_task
+    from lpft.features import cached_features
+
+    task = load_task(task_name)
+    backbone = create_backbone(backbone_name, image_size=image_size)
+    out = {}
+    for suffix, split in (("train", task.train), ("val", task.id_val), ("test", task.id_test)):
+        out[f"X_{suffix}"] = cached_features(backbone, split, "cpu")
+        out[f"y_{suffix}"] = np.asarray(split.labels)
+    return out
+
+
+def load_case(name: str, args: argparse.Namespace) -> dict[str, np.ndarray]:
     if name == "real":
-        if features is None:
-            raise SystemExit("case 'real' needs --features PATH.npz")
-        with np.load(features) as z:
+        if args.features is None:
+            return bundled_features(args.task, args.backbone, args.image_size)
+        with np.load(args.features) as z:
             return {key: z[key] for key in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")}
     spec = SYNTHETIC[name]
     return make_features(45_000, 5_000, 10_000, spec["d"], spec["k"], rank=spec["rank"],
-                         separation=spec["separation"], seed=seed)
+                         separation=spec["separation"], seed=args.seed)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -141,7 +159,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="512x10,2048x100", help="comma list of 512x10, 2048x100, real")
-    ap.add_argument("--features", type=Path, help=".npz with X_train,y_train,X_val,y_val,X_test,y_test")
+    ap.add_argument("--features", type=Path, help="case 'real': .npz with X_train,y_train,X_val,y_val,X_test,y_test "
+                    "(default: a bundled benchmark's cached features, see --task)")
+    ap.add_argument("--task", default="digits", help="case 'real' without --features: bundled benchmark (default digits)")
+    ap.add_argument("--backbone", default="efficientnet-lite0", help="case 'real' without --features")
+    ap.add_argument("--image-size", type=int, default=32, help="case 'real' without --features (default 32)")
     ap.add_argument("--device", default="cpu", help="probe device: cpu, cuda or auto")
     ap.add_argument("--repeats", type=int, default=1, help="probe repeats (median)")
     ap.add_argument("--ref-repeats", type=int, default=1, help="reference repeats (median); 0 skips it")
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = []
         for case in args.cases.split(","):
-            data = load_case(case, args.features, args.seed)
+            data = load_case(case, args)
             n, d = data["X_train"].shape
             print(f"# {case}: {n} x {d}, {int(data['y_train'].max()) + 1} classes", file=sys.stderr, flush=True)
             p = measure(lambda: probe(data, str(device)), args.repeats)
