@@ -54,7 +54,7 @@ from lpft.evaluation import evaluate
 from lpft.experiment import resolve_device, run_method
 from lpft.features import cached_features
 from lpft.finetune import FinetuneConfig
-from lpft.methods import method_names
+from lpft.methods import create_method, method_names
 from lpft.probe import LinearProbe
 from lpft.store import Store
 
@@ -272,7 +272,10 @@ def expand(spec: SweepSpec) -> list[Trial]:
                     if n_train is None:
                         n_train = len(load_cached_task(spec.task, _canonical(spec.task_options)).train)
                     point["batch_size"] = auto_batch_size(n_train)
-                hyper = {**point, "seed": seed} if method == "lp" else FinetuneConfig(**point, seed=seed).to_dict()
+                config = FinetuneConfig(**{k: v for k, v in point.items() if k in FINETUNE_KEYS}, seed=seed)
+                # What the method reads of the config (LP: the seed only), plus its own grid keys (LP's C)
+                own = {k: v for k, v in point.items() if k not in FINETUNE_KEYS}
+                hyper = {**own, **create_method(method).hyperparameters(config)}
                 trials.append(Trial({
                     "task": spec.task, "task_options": spec.task_options, "backbone": bb.name,
                     "backbone_options": bb.options, "method": method, "hyperparameters": hyper,
@@ -340,7 +343,7 @@ def _fit(
     """(selected, metrics, history, fit seconds) of one trial."""
     if method == "lp" and hyper["C"] != "auto":
         return _fit_probe_at(task, backbone, float(hyper["C"]), device)
-    config = FinetuneConfig(seed=hyper["seed"]) if method == "lp" else FinetuneConfig(**hyper)
+    config = FinetuneConfig(**{k: v for k, v in hyper.items() if k in FINETUNE_KEYS or k == "seed"})
     record, _ = run_method(task, backbone, method, config, device)
     return record.selected, record.metrics, record.history, record.timings["fit_seconds"]
 
