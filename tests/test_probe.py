@@ -10,7 +10,7 @@ import torch
 from scipy.special import logsumexp
 
 from lpft.probe import LinearProbe, fit_logistic
-from lpft.probe_solver import loss_and_grad
+from lpft.probe_solver import curvature_product, loss_and_grad
 from lpft.probe_synthetic import make_features
 
 
@@ -106,6 +106,41 @@ def test_path_val_accuracy_matches_reference_protocol(data: dict[str, np.ndarray
     # Fewer fits than the reference's 50, and the chosen C is one the path actually tried.
     assert len(probe.path_) < 25
     assert probe.best_C_ in [r["C"] for r in probe.path_]
+
+
+def test_normalisation_moments_survive_large_offsets() -> None:
+    """Chunked float32 moments: a feature with a large mean and a small spread keeps its std."""
+    rng = np.random.default_rng(0)
+    X = (100.0 + 0.01 * rng.standard_normal((3000, 5))).astype(np.float32)
+    X[:, 0] = rng.standard_normal(3000)  # and one ordinary feature
+    y = rng.integers(0, 3, 3000)
+    X64 = X.astype(np.float64)
+    per_feature = LinearProbe([1.0], normalize="feature", device="cpu", chunk_rows=700).fit(X, y)
+    np.testing.assert_allclose(per_feature.mean_, X64.mean(0), rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(per_feature.std_, X64.std(0), rtol=1e-4)
+    scalar = LinearProbe([1.0], device="cpu", chunk_rows=700).fit(X, y)
+    assert float(scalar.mean_[0]) == pytest.approx(X64.mean(), rel=1e-7)
+    assert float(scalar.std_[0]) == pytest.approx(X64.std(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_curvature_product_matches_autograd(dtype: torch.dtype) -> None:
+    """The blocked CPU product (float32) and the plain one (other dtypes, e.g. CUDA's) equal the
+    mean cross-entropy's Hessian-vector product computed by autograd."""
+    gen = torch.Generator().manual_seed(0)
+    m, d, k = 1300, 7, 4  # 1300 rows: two full blocks of 512 and a ragged one
+    Z = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, k, (m,), generator=gen)
+    theta, v = torch.randn(d + 1, k, generator=gen, dtype=torch.float64), torch.randn(d + 1, k, generator=gen, dtype=torch.float64)
+
+    def mean_ce(th: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(Z @ th[:-1] + th[-1], y)
+
+    _, ref = torch.autograd.functional.hvp(mean_ce, theta, v)
+    ps = torch.softmax(Z @ theta[:-1] + theta[-1], 1).to(torch.float32 if dtype == torch.float32 else dtype)
+    u, hv = curvature_product(Z.to(dtype), ps, v)
+    torch.testing.assert_close(hv, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(u.double(), Z @ v[:-1] + v[-1], rtol=1e-4, atol=1e-5)
 
 
 def test_api_shapes_and_consistency(data: dict[str, np.ndarray]) -> None:

