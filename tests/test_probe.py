@@ -10,7 +10,7 @@ import torch
 from scipy.special import logsumexp
 
 from lpft.probe import LinearProbe, fit_logistic
-from lpft.probe_solver import curvature_product, loss_and_grad
+from lpft.probe_solver import Preconditioner, curvature_product, loss_and_grad
 from lpft.probe_synthetic import make_features
 
 
@@ -55,6 +55,33 @@ def test_fixed_C_objective_matches_tight_sklearn(data: dict[str, np.ndarray], C:
     f_probe = objective(Z, y, probe.coef_, probe.intercept_, C)
     assert f_probe <= f_ref * (1 + 1e-4)
     assert probe.objective_ == pytest.approx(f_probe, rel=1e-5)
+    assert probe.path_[0]["converged"]
+
+
+@pytest.mark.parametrize("rows", [9, 40])  # fewer rows than columns (Gram factoring), and more
+def test_preconditioner_inverts_the_kronecker_operator(rows: int) -> None:
+    """apply(Sigma G A + lam G) == G, with Sigma the second moment of [z, 1] and A the softmax curvature."""
+    gen = torch.Generator().manual_seed(0)
+    zs = torch.randn(rows, 15, generator=gen)
+    ps = torch.softmax(torch.randn(rows, 4, generator=gen), 1)
+    lam = 0.3
+    pre = Preconditioner(zs)
+    z1 = torch.cat([zs, torch.ones(rows, 1)], 1).double()
+    sigma = z1.T @ z1 / rows
+    p = ps.double()
+    A = torch.diag(p.mean(0)) - p.T @ p / rows
+    G = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    got = pre.apply(sigma @ G @ A + lam * G, pre.factor(ps, lam))
+    torch.testing.assert_close(got, G, rtol=1e-3, atol=1e-3)
+
+
+def test_few_shot_fit_with_more_features_than_rows() -> None:
+    """n < d: the preconditioner works in the rows' span (and lambda I outside it)."""
+    data = make_features(60, 10, 10, 200, 5, rank=8, separation=0.8, seed=5)
+    Z, y, C = scalar_normalised(data["X_train"]), data["y_train"], 0.1
+    ref = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(Z.astype(np.float64), y)
+    probe = fit_logistic(Z, y, C, device="cpu")
+    assert objective(Z, y, probe.coef_, probe.intercept_, C) <= objective(Z, y, ref.coef_, ref.intercept_, C) * (1 + 1e-6)
     assert probe.path_[0]["converged"]
 
 
@@ -125,10 +152,9 @@ def test_normalisation_moments_survive_large_offsets() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_curvature_product_matches_autograd(dtype: torch.dtype) -> None:
-    """The blocked CPU product (float32) and the plain one (other dtypes, e.g. CUDA's) equal the
-    mean cross-entropy's Hessian-vector product computed by autograd."""
+    """The CG's Hessian-vector product equals autograd's, with float32 and float64 features."""
     gen = torch.Generator().manual_seed(0)
-    m, d, k = 1300, 7, 4  # 1300 rows: two full blocks of 512 and a ragged one
+    m, d, k = 1300, 7, 4
     Z = torch.randn(m, d, generator=gen, dtype=torch.float64)
     y = torch.randint(0, k, (m,), generator=gen)
     theta, v = torch.randn(d + 1, k, generator=gen, dtype=torch.float64), torch.randn(d + 1, k, generator=gen, dtype=torch.float64)

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lpft.probe_solver import ArrayLike, Design, Point, Preconditioner, SolveInfo, matmul, newton_cg
+from lpft.probe_solver import ArrayLike, Design, Point, Preconditioner, SolveInfo, cross_entropy, matmul, newton_cg
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +230,21 @@ class LinearProbe:
         path_hessian = exact if self.hessian_rows is None and m < 2 * k * d else (hess_idx, zs)
 
         solved: dict[float, torch.Tensor] = {}
-        # The latest fit and the best one so far keep their logits and data gradient (n x K
-        # each), so that the next C and the final tight solve start without a pass.
+        # Fits that keep their logits and data gradient (n x K each), so that later starts cost
+        # fewer passes: the latest (the next coarse C starts from it), the best (the final tight
+        # solve) and, while n K is small, the best's two neighbours (refinement fits start
+        # between the best and one of them, and logits interpolate like the parameters).
         kept: dict[float, Point] = {}
+        keep_neighbours = n * k <= 2**24
         self.path_: list[dict] = []
+
+        def prune_kept(latest: float, best_C: float) -> None:
+            keep = {latest, best_C}
+            if keep_neighbours:
+                keep |= {max((c for c in solved if c < best_C), default=best_C)}
+                keep |= {min((c for c in solved if c > best_C), default=best_C)}
+            for c in [c for c in kept if c not in keep]:
+                del kept[c]
 
         def warm_start(C: float) -> Point:
             if C in solved:  # the final tight solve of a C fitted on the path
@@ -247,11 +258,15 @@ class LinearProbe:
             below = [c for c in solved if c < C]
             above = [c for c in solved if c > C]
             if below and above:
-                # Between two solutions: interpolate in log C (2 passes for logits and gradient,
-                # repaid by a start much closer than either end).
+                # Between two solutions: interpolate in log C (a pass for the gradient, and one for
+                # the logits unless both ends kept theirs), repaid by a start much closer than
+                # either end.
                 a, b = max(below), min(above)
                 t = math.log(C / a) / math.log(b / a)
-                return Point((1 - t) * solved[a] + t * solved[b])
+                theta = (1 - t) * solved[a] + t * solved[b]
+                if a in kept and b in kept:
+                    return Point(theta, torch.lerp(kept[a].logits, kept[b].logits, t))
+                return Point(theta)
             near = min(solved, key=lambda c: abs(math.log(c / C)))
             return kept.get(near, Point(solved[near]))
 
@@ -273,12 +288,9 @@ class LinearProbe:
                 abandon=None if floor is None else lambda theta: val_acc(theta) < floor,
             )
             solved[C] = point.theta
-            assert point.logits is not None
-            rec = self._record(C, point.theta, point.logits, y, val, yv, info, n)
-            best_C = max(self.path_ + [rec], key=score)["C"]
-            kept.update({C: point})
-            for c in [c for c in kept if c not in (C, best_C)]:
-                del kept[c]
+            rec = self._record(C, point, y, val, yv, info, n)
+            kept[C] = point
+            prune_kept(C, max(self.path_ + [rec], key=score)["C"])
             log.debug(
                 "probe C=%.3g train_acc=%.4f val_acc=%s newton=%d cg=%d passes=%.1f grad=%.1e",
                 C, rec["train_acc"], "-" if yv is None else f"{rec['val_acc']:.4f}",
@@ -301,17 +313,32 @@ class LinearProbe:
             n_coarse = max(2, int(round(hi - lo)) + 1)
             grid = np.logspace(lo, hi, n_coarse)
             step = (hi - lo) / (n_coarse - 1)
-            since_best = 0
-            for C in grid:
-                # A coarse fit that already drops stop_drop below the best ends the walk however
-                # it would converge; the first Newton step shows that (one step from the previous
-                # C lies between the two solutions), so its remaining steps are skipped.
-                floor = max(r["val_acc"] for r in self.path_) - self.stop_drop if self.path_ else None
-                rec = solve(float(C), tight=False, floor=floor)[1]
-                since_best = 0 if score(rec) >= max(score(r) for r in self.path_ + [rec]) else since_best + 1
-                self.path_.append(rec)
-                if since_best >= self.patience or rec["val_acc"] < max(self.path_, key=score)["val_acc"] - self.stop_drop:
-                    break
+
+            def walk(values: np.ndarray) -> None:
+                since_best = 0
+                for C in values:
+                    # A coarse fit that already drops stop_drop below the best ends the walk
+                    # however it would converge; the first Newton step shows that (one step from
+                    # the previous C lies between the two solutions), so its remaining steps are
+                    # skipped.
+                    floor = max(r["val_acc"] for r in self.path_) - self.stop_drop if self.path_ else None
+                    rec = solve(float(C), tight=False, floor=floor)[1]
+                    since_best = 0 if score(rec) >= max(score(r) for r in self.path_ + [rec]) else since_best + 1
+                    self.path_.append(rec)
+                    if since_best >= self.patience or rec["val_acc"] < max(self.path_, key=score)["val_acc"] - self.stop_drop:
+                        break
+
+            # The walk starts where the penalty's curvature (1 / Cn) meets the data's at the
+            # C -> 0 limit, ||Sigma|| ||diag(p) - p p^T|| for the class frequencies p: below it the
+            # head is nearly linear in C and barely leaves the prior, so validation accuracy
+            # still rises with C on every case measured. It walks down from there only if the
+            # start is the best so far (for a unimodal curve the peak is then below it).
+            freq = torch.bincount(y, minlength=k).double() / n
+            curvature = float(precond.s.max()) * float(torch.linalg.eigvalsh(torch.diag(freq) - torch.outer(freq, freq)).max())
+            first = int(np.argmin(np.abs(np.log10(grid) + math.log10(n * max(curvature, 1e-30)))))
+            walk(grid[first:])
+            if first > 0 and max(self.path_, key=score)["C"] == grid[first]:
+                walk(grid[first - 1 :: -1])
             # Bisection in log C, halving the step each level, probing first towards the better
             # neighbour. A decade apart, the neighbours' accuracies do not say on which side the
             # peak lies (the curve is skewed; measured at 2048 x 100), so the first level also
@@ -353,11 +380,12 @@ class LinearProbe:
         return self
 
     def _record(
-        self, C: float, theta: torch.Tensor, L: torch.Tensor, y: torch.Tensor,
+        self, C: float, point: Point, y: torch.Tensor,
         val: Design | None, yv: torch.Tensor | None, info: SolveInfo, n: int,
     ) -> dict:
-        lse = torch.logsumexp(L, 1)
-        loss = float((lse - L.gather(1, y[:, None]).squeeze(1)).double().mean())
+        theta, L = point.theta, point.logits
+        assert L is not None
+        loss, _ = cross_entropy(L, y, point.lse)
         objective = C * n * loss + 0.5 * float((theta[:-1] ** 2).sum())
         val_acc = val_loss = float("nan")
         if val is not None and yv is not None:
