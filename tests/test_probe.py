@@ -152,9 +152,10 @@ def test_normalisation_moments_survive_large_offsets() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_curvature_product_matches_autograd(dtype: torch.dtype) -> None:
-    """The CG's Hessian-vector product equals autograd's, with float32 and float64 features."""
+    """The CG's Hessian-vector product equals autograd's: the blocked CPU path (float32) and the
+    plain one (other dtypes and devices)."""
     gen = torch.Generator().manual_seed(0)
-    m, d, k = 1300, 7, 4
+    m, d, k = 1300, 7, 4  # 1300 rows: five full blocks of 256 and a ragged one
     Z = torch.randn(m, d, generator=gen, dtype=torch.float64)
     y = torch.randint(0, k, (m,), generator=gen)
     theta, v = torch.randn(d + 1, k, generator=gen, dtype=torch.float64), torch.randn(d + 1, k, generator=gen, dtype=torch.float64)

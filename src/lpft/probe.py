@@ -11,16 +11,18 @@ standardises each feature; ``"none"`` fits the features as given. The fitted hea
 maps RAW features: ``logits = X @ coef_.T + intercept_``.
 
 Regularisation search: the paper fits 50 log-spaced C in [1e-7, 1e2]. Here a coarse grid
-(one value per decade) is walked upwards with warm starts, stopped once validation accuracy
-has not improved for ``patience`` values or fell ``stop_drop`` below the best (a coarse fit
-that falls that far is cut short after its first Newton step), then refined by bisection in
-log C (1/2, 1/4, 1/8 decade): both sides of the best coarse C first, then one fit per level
-towards the better neighbour. Then the chosen C is solved tightly (exact Hessian). ``Cs=[...]``
-fits exactly the given values instead. Each fit is a Newton-CG solve (see
-``lpft.probe_solver``) started from the nearest solution (reusing its logits and gradient) or,
-between two solutions, from their interpolation in log C. Path fits use the exact Hessian
-unless the Hessian subsample has at least 2 K d rows (each class's d x d block then sees about
-2d rows); with fewer, subsampled Newton steps overshoot and cost more passes than exact ones.
+(one value per decade) is walked upwards with warm starts from the grid value where the
+penalty's curvature meets the data's (walking down too only if that start stays the best),
+stopped once validation accuracy has not improved for ``patience`` values or fell
+``stop_drop`` below the best (a coarse fit that falls that far is cut short after its first
+Newton step), then refined by bisection in log C (1/2, 1/4, 1/8 decade) towards the better
+neighbour; the first level also probes the other side unless its first probe beat the best
+coarse C. Then the chosen C is solved tightly (exact Hessian). ``Cs=[...]`` fits exactly the
+given values instead. Each fit is a Newton-CG solve (see ``lpft.probe_solver``) started from
+the nearest solution (reusing its logits and gradient) or, between two solutions, from their
+interpolation in log C. Path fits use the exact Hessian unless the Hessian subsample has at
+least 2 K d rows (each class's d x d block then sees about 2d rows); with fewer, subsampled
+Newton steps overshoot and cost more passes than exact ones.
 """
 
 from __future__ import annotations
