@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -212,6 +213,18 @@ def test_streamed_memmap_matches_in_memory(data: dict[str, np.ndarray], tmp_path
     streamed = LinearProbe([1e-2], device="cpu", chunk_rows=300).fit(mm, y)
     assert streamed.objective_ == pytest.approx(ref.objective_, rel=1e-6)
     np.testing.assert_allclose(streamed.coef_, ref.coef_, rtol=1e-3, atol=1e-5)
+
+
+def test_bfloat16_features_run_the_device_generic_path(data: dict[str, np.ndarray]) -> None:
+    """bf16 features skip the CPU-only numpy kernels and take the torch code CUDA runs; on CPU this
+    checks that path end to end (the path search, warm starts, preconditioner) against float32."""
+    args = (data["X_train"], data["y_train"], data["X_val"], data["y_val"])
+    f32 = LinearProbe(device="cpu").fit(*args)
+    bf16 = LinearProbe(device="cpu", precision="bfloat16").fit(*args)
+    assert abs(bf16.val_accuracy_ - f32.val_accuracy_) <= 0.01
+    assert abs(math.log10(bf16.best_C_ / f32.best_C_)) <= 0.5
+    agree = (bf16.predict(data["X_test"]) == f32.predict(data["X_test"])).mean()
+    assert agree >= 0.97
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
