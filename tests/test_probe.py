@@ -171,6 +171,19 @@ def test_curvature_product_matches_autograd(dtype: torch.dtype) -> None:
     torch.testing.assert_close(u.double(), Z @ v[:-1] + v[-1], rtol=1e-4, atol=1e-5)
 
 
+def test_walk_goes_down_when_its_start_is_best() -> None:
+    """Uninformative features: the prior (smallest C, lowest validation loss) wins, so the walk,
+    which starts at the data's curvature scale, must turn and walk down to it."""
+    rng = np.random.default_rng(0)
+    X, Xv = rng.standard_normal((3000, 20)).astype(np.float32), rng.standard_normal((1000, 20)).astype(np.float32)
+    y, yv = (rng.random(3000) < 0.3).astype(int), (rng.random(1000) < 0.3).astype(int)
+    probe = LinearProbe(device="cpu").fit(X, y, Xv, yv)
+    start = probe.path_[0]["C"]
+    assert start >= 1e-5  # the walk did not start at the bottom of the range
+    assert probe.best_C_ < start / 100
+    assert min(r["C"] for r in probe.path_) == pytest.approx(1e-7)
+
+
 def test_api_shapes_and_consistency(data: dict[str, np.ndarray]) -> None:
     X, y, Xv, yv = data["X_train"], data["y_train"], data["X_val"], data["y_val"]
     probe = LinearProbe(Cs=[1e-3, 1e-1], device="cpu").fit(X, y, Xv, yv)
