@@ -266,7 +266,7 @@ def newton_cg(
     # ||W||^2 along a step: ||W + a S||^2 = ww + 2 a ws + a^2 ss, so trial points cost nothing.
     ww = float((theta[:-1] ** 2).sum())
 
-    ce, lse = cross_entropy(L, y, start.lse if start.logits is not None else None)
+    ce, lse = cross_entropy(L, y, start.lse)
     f = ce + 0.5 * lam * ww
     while True:
         # Softmax in float32: it feeds float32 products only (gradient, curvature); the

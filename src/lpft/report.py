@@ -41,6 +41,7 @@ INTERVAL_NOTE = (
     "Cells: mean over seeds ± half-width of the 90% Student-t confidence interval "
     "(t quantile with n-1 degrees of freedom; '±' is omitted when n = 1)."
 )
+ECE_HEADERS = ("ECE ID", "ECE OOD")  # table columns after the accuracy columns: see Row.ece_texts
 CALIBRATION = ("ece", "nll", "brier")  # each also after temperature scaling fitted on ID val ("_ts")
 CALIBRATION_NOTE = (
     "ECE: 15-bin expected calibration error, mean over seeds, before → after temperature scaling "
@@ -135,6 +136,15 @@ class ResultTable:
             return f"{self.task} / {self.backbone} — ORACLE, {self.rule_label}: an upper bound, not a fair estimate"
         return f"{self.task} / {self.backbone} — selection: {self.rule_label}"
 
+    @property
+    def headers(self) -> list[str]:
+        """Headers of the value columns: accuracy columns, then calibration."""
+        return [*(column_name(c) for c in self.columns), *ECE_HEADERS]
+
+    def texts(self, row: Row) -> list[str]:
+        """``row``'s cells under :attr:`headers`."""
+        return [row.cells[c].text() for c in self.columns] + row.ece_texts()
+
 
 def column_name(key: str) -> str:
     if key == "id_test":
@@ -215,18 +225,15 @@ def _varied(trials: Iterable[TrialResult]) -> dict[str, set[str]]:
     return {m: {k for k, vs in hp.items() if len(vs) > 1 or k in ("lr", "C")} for m, hp in values.items()}
 
 
-ECE_HEADERS = ("ECE ID", "ECE OOD")
-
 
 def to_markdown(tables: Sequence[ResultTable]) -> str:
     out = []
     for table in tables:
-        header = ["method", *(column_name(c) for c in table.columns), *ECE_HEADERS, "selected hyperparameters", "seeds"]
+        header = ["method", *table.headers, "selected hyperparameters", "seeds"]
         out += [f"### {table.title}", "", "| " + " | ".join(header) + " |",
-                "|" + "|".join([":--", *["--:"] * (len(table.columns) + len(ECE_HEADERS)), ":--", "--:"]) + "|"]
+                "|" + "|".join([":--", *["--:"] * len(table.headers), ":--", "--:"]) + "|"]
         for row in table.rows:
-            cells = [row.cells[c].text() for c in table.columns] + row.ece_texts()
-            out.append("| " + " | ".join([row.label, *cells, row.chosen, str(len(row.seeds))]) + " |")
+            out.append("| " + " | ".join([row.label, *table.texts(row), row.chosen, str(len(row.seeds))]) + " |")
         out.append("")
     out.append(INTERVAL_NOTE + " Accuracy in %. " + CALIBRATION_NOTE)
     return "\n".join(out) + "\n"
@@ -264,11 +271,10 @@ def to_html(tables: Sequence[ResultTable], images: Sequence[Path], title: str) -
     for t in tables:
         cls = " class='oracle'" if t.oracle else ""
         parts.append(f"<table{cls}><caption>{html.escape(t.title)}</caption><tr><th>method</th>")
-        parts += [f"<th>{html.escape(h)}</th>" for h in [*(column_name(c) for c in t.columns), *ECE_HEADERS]]
+        parts += [f"<th>{html.escape(h)}</th>" for h in t.headers]
         parts.append("<th>selected hyperparameters</th><th>seeds</th></tr>")
         for row in t.rows:
-            texts = [row.cells[c].text() for c in t.columns] + row.ece_texts()
-            cells = "".join(f"<td>{html.escape(x)}</td>" for x in texts)
+            cells = "".join(f"<td>{html.escape(x)}</td>" for x in t.texts(row))
             parts.append(f"<tr><td>{html.escape(row.label)}</td>{cells}<td>{html.escape(row.chosen)}</td>"
                          f"<td>{len(row.seeds)}</td></tr>")
         parts.append("</table>")

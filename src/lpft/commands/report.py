@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from lpft.commands.common import console
-from lpft.report import ECE_HEADERS, INTERVAL_NOTE, Report, ResultTable, column_name, load_results, write_report
+from lpft.report import INTERVAL_NOTE, Report, ResultTable, load_results, write_report
 from lpft.selection import SelectionRule, create_rule
 
 DEFAULT_RULES = "id-val,last-epoch,oracle"
@@ -40,11 +40,11 @@ def rich_table(table: ResultTable) -> Table:
     """A result table for the terminal; oracle tables are titled and styled as such."""
     out = Table(title=table.title, title_style="bold red" if table.oracle else "bold", caption=INTERVAL_NOTE)
     out.add_column("method")
-    for header in [*(column_name(c) for c in table.columns), *ECE_HEADERS]:
+    for header in table.headers:
         out.add_column(header, justify="right")
     out.add_column("selected")
     for row in table.rows:
-        out.add_row(row.label, *(row.cells[c].text() for c in table.columns), *row.ece_texts(), row.chosen)
+        out.add_row(row.label, *table.texts(row), row.chosen)
     return out
 
 
