@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -70,6 +71,46 @@ def test_bf16_autocast_trains_close_to_fp32(tiny):
     _, bf16 = _run(tiny, task, precision="bf16")
     assert bf16["id_test"].dtype == np.float32 and np.isfinite(bf16["id_test"]).all()
     np.testing.assert_allclose(bf16["id_test"], fp32["id_test"], atol=0.1 * np.abs(fp32["id_test"]).max())
+
+
+class _FailInBackward(torch.autograd.Function):
+    """Identity whose backward raises, as inductor's generated stride assertions do."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("expected size 512==512, stride 9==1 at dim=1")
+
+
+def _backend_failing_in_backward(graph, example_inputs):
+    """A torch.compile backend whose compiled code runs the forward and fails in the backward."""
+    def run(*args):
+        return [_FailInBackward.apply(out) if out.requires_grad else out for out in graph(*args)]
+    return run
+
+
+def test_compiled_code_failing_on_first_step_falls_back_to_eager(tiny, monkeypatch, caplog):
+    """torch.compile (dynamo tracing the real model) with generated code that fails in the first
+    backward, as inductor's did on an H200: the run warns, goes on eagerly, and ends exactly where
+    a run without compile ends, BatchNorm running statistics included."""
+    task = small_digits_task(per_split=20)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=_backend_failing_in_backward))
+    torch._dynamo.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lpft.finetune"):
+            fell_back, fell_back_logits = _run(tiny, task, compile="on", bn_mode="train")
+    finally:
+        torch._dynamo.reset()
+    assert "torch.compile failed on the first training step (AssertionError: expected size" in caplog.text
+    eager, eager_logits = _run(tiny, task, compile="off", bn_mode="train")
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(fell_back.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    for key in eager_logits:
+        np.testing.assert_array_equal(fell_back_logits[key], eager_logits[key])
 
 
 def test_split_data_held_on_device_and_batched_inference(tiny):

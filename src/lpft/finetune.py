@@ -226,6 +226,35 @@ def _hold_on_device(splits: list[SplitData], device: torch.device) -> None:
                  needed / 2**30, 100 * DEVICE_DATA_FRACTION)
 
 
+def _first_step_compiled_or_eager(
+    forward_backward: Callable[[Callable[..., torch.Tensor]], torch.Tensor],
+    compiled: Callable[..., torch.Tensor],
+    eager: nn.Module,
+    model: nn.Module,
+) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+    """The first step's loss through ``compiled``, or, if compiled code fails, through ``eager``.
+
+    Returns the loss and the forward the rest of training should use. torch.compile has shipped
+    bugs that only show when its generated code runs: on an H200 (torch 2.11), inductor's
+    stride assertion in the backward of a 3x3 convolution fired for ResNet-18 at 32 px with
+    channels_last. A run should then go on eagerly rather than die; an error that is not
+    the compiler's recurs in the eager retry and propagates from there. The parameters are
+    untouched (no optimiser step has run); the buffers the failed forward may have updated
+    (BatchNorm statistics in ``bn_mode="train"``) are restored first.
+    """
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        return forward_backward(compiled), compiled
+    except Exception as error:  # noqa: BLE001 - any failure of generated code; retried eagerly below
+        log.warning("torch.compile failed on the first training step (%s: %s); training without it. "
+                    "Pass compile='off' (CLI: --compile off) to skip compiling.",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        return forward_backward(eager), eager
+
+
 def finetune(
     model: Classifier,
     train: SplitData,
@@ -269,6 +298,16 @@ def finetune(
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     result = FinetuneResult()
     best_acc, best_state = -1.0, None
+
+    def forward_backward(fwd: Callable[..., torch.Tensor], local: torch.Tensor, weight: float) -> torch.Tensor:
+        """Loss of the batch ``local`` and its gradients (scaled by ``weight``, see above), no optimiser step."""
+        with fast.autocast(device):
+            logits = fwd(to_device(train.batch(local), device, fast.channels_last))
+        loss = loss_fn(logits.float(), to_device(labels[local], device))
+        optimizer.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        return loss
+
     step = 0
     bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=not (progress and ctx.is_main), leave=False)
     for epoch in range(1, config.epochs + 1):
@@ -283,11 +322,11 @@ def finetune(
                 local, weight = index[:1], 0.0
             if before_step is not None:
                 before_step(step, model)
-            with fast.autocast(device):
-                logits = forward(to_device(train.batch(local), device, fast.channels_last))
-            loss = loss_fn(logits.float(), to_device(labels[local], device))
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
+            if step == 0 and forward is not net:
+                loss, forward = _first_step_compiled_or_eager(
+                    lambda fwd: forward_backward(fwd, local, weight), forward, net, model)
+            else:
+                loss = forward_backward(forward, local, weight)
             optimizer.step()
             schedule.step()
             step += 1
