@@ -240,7 +240,8 @@ def _first_step_compiled_or_eager(
     channels_last. A run should then go on eagerly rather than die; an error that is not
     the compiler's recurs in the eager retry and propagates from there. The parameters are
     untouched (no optimiser step has run); the buffers the failed forward may have updated
-    (BatchNorm statistics in ``bn_mode="train"``) are restored first.
+    (BatchNorm statistics in ``bn_mode="train"``) are restored first. Not under DDP, whose
+    reducer a half-run backward leaves expecting gradients: there the error propagates.
     """
     buffers = [b.detach().clone() for b in model.buffers()]
     try:
@@ -322,7 +323,7 @@ def finetune(
                 local, weight = index[:1], 0.0
             if before_step is not None:
                 before_step(step, model)
-            if step == 0 and forward is not net:
+            if step == 0 and forward is not net and not ctx.enabled:
                 loss, forward = _first_step_compiled_or_eager(
                     lambda fwd: forward_backward(fwd, local, weight), forward, net, model)
             else:
