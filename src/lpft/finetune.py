@@ -301,7 +301,7 @@ def finetune(
     best_acc, best_state = -1.0, None
 
     def forward_backward(fwd: Callable[..., torch.Tensor], local: torch.Tensor, weight: float) -> torch.Tensor:
-        """Loss of the batch ``local`` and its gradients (scaled by ``weight``, see above), no optimiser step."""
+        """Loss of the batch ``local`` and its gradients, scaled by ``weight`` (the DDP share); no optimiser step."""
         with fast.autocast(device):
             logits = fwd(to_device(train.batch(local), device, fast.channels_last))
         loss = loss_fn(logits.float(), to_device(labels[local], device))
