@@ -3,7 +3,7 @@
 # hang cannot take the rest with it. Runs from the source tree (no install needed when torch,
 # timm and scikit-learn are present). Logs and JSON go to $OUT (default ./gpu-checks).
 #
-#     bash benchmarks/gpu_checks.sh                       # about 9 minutes on one H100/H200
+#     bash benchmarks/gpu_checks.sh                       # about 8 minutes on an H200 (its steps' sum)
 #     ONLY="loop_auto loop_fp32" bash benchmarks/gpu_checks.sh  # just those steps
 set -u
 cd "$(dirname "$0")/.."

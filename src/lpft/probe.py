@@ -356,8 +356,8 @@ class LinearProbe:
                 lo_nb = max(below, key=lambda r: r["C"]) if below else None
                 hi_nb = min(above, key=lambda r: r["C"]) if above else None
                 go_up = lo_nb is None or (hi_nb is not None and hi_nb["val_acc"] > lo_nb["val_acc"])
-                first = 1 if go_up else -1
-                for sign in (first, -first) if level == 0 else (first,):
+                toward = 1 if go_up else -1
+                for sign in (toward, -toward) if level == 0 else (toward,):
                     C = best["C"] * 10 ** (sign * step)
                     if self.C_range[0] <= C <= self.C_range[1]:
                         rec = solve(C, tight=False)[1]

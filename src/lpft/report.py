@@ -225,7 +225,6 @@ def _varied(trials: Iterable[TrialResult]) -> dict[str, set[str]]:
     return {m: {k for k, vs in hp.items() if len(vs) > 1 or k in ("lr", "C")} for m, hp in values.items()}
 
 
-
 def to_markdown(tables: Sequence[ResultTable]) -> str:
     out = []
     for table in tables:
