@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from lpft.probe import LinearProbe, resolve_device
-from lpft.probe_solver import loss_and_grad
-from lpft.probe_synthetic import make_features
+from lpft.probe.solver import loss_and_grad
+from lpft.probe.synthetic import make_features
 
 SYNTHETIC = {
     "512x10": dict(d=512, k=10, rank=32, separation=0.6),

@@ -110,7 +110,7 @@ def build(model: str, device: torch.device, batch: int) -> tuple[nn.Module, obje
         return net.to(device), x.to(device), y.to(device), "sgd" if model == "resnet50" else "adamw"
     sys.path.insert(0, str(SRC))
     from lpft.backbones import create_backbone
-    from lpft.finetune import Classifier
+    from lpft.training import Classifier
 
     y = torch.randint(0, 8, (batch,), generator=gen).to(device)
     if model == "lite0-64":
@@ -233,8 +233,8 @@ def bench_loop(model: str, epochs: int) -> list[dict]:
     sys.path.insert(0, str(SRC))
     from lpft.backbones import create_backbone
     from lpft.data import load_task
-    from lpft.experiment import run_method
-    from lpft.finetune import FinetuneConfig
+    from lpft.runs import run_method
+    from lpft.training import FinetuneConfig
 
     task_name, backbone_name, options, hyper = LOOP_TASKS[model]
     task, backbone = load_task(task_name), create_backbone(backbone_name, **options)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lpft.data.benchmarks import cache, digits, emoji_styles, npm
+from lpft.data.bundled import cache, digits, emoji_styles, npm
 from lpft.data.registry import benchmark_names, load_task
 from lpft.data.task import TaskError
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from lpft.backbones import create_backbone
-from lpft.experiment import run_method
-from lpft.finetune import FinetuneConfig
+from lpft.methods import create_method
+from lpft.runs import run_method
 
 from conftest import small_digits_task
 
@@ -35,13 +35,13 @@ WORKER = textwrap.dedent(
     torch.set_num_threads(1)
     from conftest import small_digits_task
     from lpft.backbones import create_backbone
-    from lpft.distributed import context, is_main_process
-    from lpft.experiment import resolve_device, run_method
-    from lpft.finetune import FinetuneConfig
+    from lpft.training.distributed import context, is_main_process
+    from lpft.methods import create_method
+    from lpft.runs import resolve_device, run_method
 
     torch.manual_seed(0)  # the random backbone weights, as in the single-process run
     backbone = create_backbone("timm:test_resnet", weights="random", image_size=32)
-    record, result = run_method(small_digits_task(per_split=25), backbone, "ft", FinetuneConfig(**{CONFIG!r}),
+    record, result = run_method(small_digits_task(per_split=25), backbone, create_method("ft", {CONFIG!r}),
                                 resolve_device("cpu"))
     ctx = context()
     assert ctx.world_size == 2, ctx
@@ -65,7 +65,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, cache):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     backbone = create_backbone("timm:test_resnet", weights="random", image_size=32)
-    _, single = run_method(small_digits_task(per_split=25), backbone, "ft", FinetuneConfig(**CONFIG), torch.device("cpu"))
+    _, single = run_method(small_digits_task(per_split=25), backbone, create_method("ft", CONFIG), torch.device("cpu"))
 
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
     worst = max(np.abs(ranks[0][k] - single.logits[k]).max() / np.abs(single.logits[k]).max() for k in single.logits)

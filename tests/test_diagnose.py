@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from lpft.artifacts import LOGITS_FILE, RUN_FILE, WEIGHTS_FILE, load_run, load_run_models
 from lpft.cli import main as cli_main
 from lpft.data import Task, load_task
-from lpft.distortion import block_name, diagnose_run, reliability_bins, run_and_save, weight_change
-from lpft.finetune import FinetuneConfig
-from lpft.metrics import expected_calibration_error, softmax
+from lpft.diagnostics import block_name, diagnose_run, weight_change
+from lpft.errors import RunError
+from lpft.evaluation.metrics import expected_calibration_error, reliability_bins, softmax
+from lpft.runs import run
+from lpft.runs.artifacts import LOGITS_FILE, RUN_FILE, WEIGHTS_FILE, load_run, load_run_models
 
 from conftest import TEXT_TOPICS
 
@@ -88,12 +89,12 @@ def digit_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LPFT_CACHE", str(root / "cache"))
         task = _digits_subset(DIGITS_STEPS["n_train"])
-        config = FinetuneConfig(epochs=DIGITS_STEPS["epochs"], lr=SAME_LR, batch_size=DIGITS_STEPS["batch_size"],
-                                eval_all_splits_each_epoch=False)
+        config = {"epochs": DIGITS_STEPS["epochs"], "lr": SAME_LR, "batch_size": DIGITS_STEPS["batch_size"],
+                  "eval_all_splits_each_epoch": False}
         dirs = {}
         for method in ("ft", "lpft"):
             dirs[method] = root / method
-            run_and_save(task, "efficientnet-lite0", method, config, dirs[method], "cpu", {"image_size": 32})
+            run(task, "efficientnet-lite0", method, config, "cpu", {"image_size": 32}, save=dirs[method])
         yield task, dirs
 
 
@@ -159,5 +160,5 @@ def test_cli_run_save_then_diagnose(cache, tmp_path):
     meta = json.loads((run_dir / RUN_FILE).read_text())
     meta["backbone"]["fingerprint"] = "something else"
     (run_dir / RUN_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="different weights or preprocessing"):
+    with pytest.raises(RunError, match="different weights or preprocessing"):
         diagnose_run(run_dir)

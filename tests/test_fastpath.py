@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from lpft.backbones import create_backbone
-from lpft.commands.common import add_hyperparameter_arguments, config_from_args
+from lpft.commands.common import add_method_arguments, method_settings
+from lpft.errors import ConfigError
 from lpft.features import SplitData, compute_features
-from lpft.finetune import Classifier, FinetuneConfig, finetune, predict_logits, resolve_fast_path
+from lpft.training import Classifier, FinetuneConfig, finetune, predict_logits, resolve_fast_path
 
 from conftest import small_digits_task
 
@@ -36,7 +37,7 @@ def _run(backbone, task, **levers) -> tuple[Classifier, dict]:
 
 
 def test_auto_resolves_by_device_and_backbone(tiny, monkeypatch):
-    import lpft.finetune as ft
+    import lpft.training.fastpath as ft
 
     auto = resolve_fast_path(FinetuneConfig(), tiny, CPU)
     assert auto.autocast_dtype is None and not auto.compile and not auto.data_on_device
@@ -101,7 +102,7 @@ def test_compiled_code_failing_on_first_step_falls_back_to_eager(tiny, monkeypat
     monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=_backend_failing_in_backward))
     torch._dynamo.reset()
     try:
-        with caplog.at_level(logging.WARNING, logger="lpft.finetune"):
+        with caplog.at_level(logging.WARNING, logger="lpft.training"):
             fell_back, fell_back_logits = _run(tiny, task, compile="on", bn_mode="train")
     finally:
         torch._dynamo.reset()
@@ -129,6 +130,10 @@ def test_cli_flags_reach_the_config():
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_hyperparameter_arguments(parser)
-    config = config_from_args(parser.parse_args(["--precision", "bf16", "--compile", "off", "--channels-last", "on"]))
-    assert (config.precision, config.compile, config.channels_last) == ("bf16", "off", "on")
+    add_method_arguments(parser)
+    args = parser.parse_args(["--precision", "bf16", "--compile", "off", "--channels-last", "on", "--batch-size", "auto"])
+    config = FinetuneConfig(**method_settings(args, "ft"))
+    assert (config.precision, config.compile, config.channels_last, config.batch_size) == ("bf16", "off", "on", "auto")
+    assert config.resolve(300).batch_size == 30
+    with pytest.raises(ConfigError, match="--batch-size, --channels-last, --compile, --precision do not apply to --method lp"):
+        method_settings(args, "lp")

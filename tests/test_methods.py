@@ -11,19 +11,18 @@ import torch
 import lpft.features as features_module
 from lpft.backbones import create_backbone
 from lpft.cli import main as cli_main
-from lpft.experiment import run_method
+from lpft.errors import BackboneError, ConfigError
 from lpft.features import cached_features, feature_cache_key
-from lpft.finetune import FinetuneConfig
 from lpft.methods import create_method, method_names
-from lpft.methods.finetuning import LinearProbeThenFineTune
+from lpft.methods.finetuning import LinearProbeThenFineTune, LPFTConfig
 from lpft.methods.linear_probe import fit_linear_probe
+from lpft.runs import run_method
 
 from conftest import TEXT_TOPICS
 
 CPU = torch.device("cpu")
 # LP-FT starts from a fitted head, so (as in the paper) it takes a ~10x smaller learning rate
-FAST = {"lp": FinetuneConfig(), "ft": FinetuneConfig(epochs=2, lr=3e-3, batch_size=32),
-        "lpft": FinetuneConfig(epochs=2, lr=3e-4, batch_size=32)}
+FAST = {"lp": {}, "ft": {"epochs": 2, "lr": 3e-3, "batch_size": 32}, "lpft": {"epochs": 2, "lr": 3e-4, "batch_size": 32}}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def lite32():
 
 def test_registered_methods():
     assert {"lp", "ft", "lpft"} <= set(method_names())
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
         create_method("nope")
 
 
@@ -61,8 +60,9 @@ def test_lpft_first_step_starts_from_the_lp_head(cache, digits_task, lite32):
             seen["weight"] = model.head.weight.detach().clone()
             seen["bias"] = model.head.bias.detach().clone()
 
-    method = LinearProbeThenFineTune(before_step=capture)
-    result = method.fit(digits_task, lite32, FinetuneConfig(epochs=1, lr=1e-3, batch_size=32), CPU)
+    method = LinearProbeThenFineTune(LPFTConfig(epochs=1, lr=1e-3, batch_size=32))
+    method.before_step = capture
+    result = method.fit(digits_task, lite32, CPU)
     torch.testing.assert_close(seen["weight"], torch.as_tensor(probe.coef_, dtype=torch.float32))
     torch.testing.assert_close(seen["bias"], torch.as_tensor(probe.intercept_, dtype=torch.float32))
     # the head moved during training, and the backbone given to the method did not
@@ -75,15 +75,15 @@ def test_lpft_first_step_starts_from_the_lp_head(cache, digits_task, lite32):
 def test_ft_and_lpft_differ_only_in_head_init(cache, digits_task, lite32):
     heads = {}
     for name in ("ft", "lpft"):
-        method = create_method(name)
+        method = create_method(name, {"epochs": 1, "batch_size": 32})
         method.before_step = lambda step, model, name=name: heads.setdefault(name, model.head.weight.detach().clone())
-        method.fit(digits_task, lite32, FinetuneConfig(epochs=1, batch_size=32), CPU)
+        method.fit(digits_task, lite32, CPU)
     assert not torch.allclose(heads["ft"], heads["lpft"])
 
 
 @pytest.mark.parametrize("method", ["lp", "ft", "lpft"])
 def test_end_to_end_image_run(cache, digits_task, lite32, method):
-    record, result = run_method(digits_task, lite32, method, FAST[method], CPU)
+    record, result = run_method(digits_task, lite32, create_method(method, FAST[method]), CPU)
     assert set(record.metrics) == {"id_val", "id_test", "ood/inverted"}
     for split, m in record.metrics.items():
         assert 0.0 <= m["accuracy"] <= 1.0 and m["nll"] > 0 and 0 <= m["ece"] <= 1
@@ -91,8 +91,8 @@ def test_end_to_end_image_run(cache, digits_task, lite32, method):
     if method == "lp":
         assert "C" in record.selected
     else:
-        assert 1 <= record.selected["epoch"] <= FAST[method].epochs
-        assert len(record.history) == FAST[method].epochs
+        assert 1 <= record.selected["epoch"] <= FAST[method]["epochs"]
+        assert len(record.history) == FAST[method]["epochs"]
 
 
 def test_cli_run_text_task_writes_json(cache, tmp_path):
@@ -110,7 +110,7 @@ def test_cli_run_text_task_writes_json(cache, tmp_path):
 
 
 def test_backbone_modality_mismatch_is_reported(digits_task):
-    from lpft.experiment import run
+    from lpft.runs import run
 
-    with pytest.raises(ValueError, match="reads text but task 'tiny-digits' is a image task"):
+    with pytest.raises(BackboneError, match="reads text but task 'tiny-digits' is a image task"):
         run(digits_task, "minilm-l6", "lp")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lpft.metrics import (
+from lpft.evaluation.metrics import (
     accuracy,
     brier_score,
     calibration_report,

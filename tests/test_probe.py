@@ -9,27 +9,19 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import logsumexp
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from lpft.probe import LinearProbe, fit_logistic
-from lpft.probe_solver import Preconditioner, curvature_product, loss_and_grad
-from lpft.probe_synthetic import make_features
+from lpft.probe.solver import Preconditioner, curvature_product, loss_and_grad
+from lpft.probe.synthetic import make_features
 
 
 @pytest.fixture(autouse=True)
 def single_thread_blas():
     """sklearn's BLAS threads spin against torch's on small problems; one thread is ~10x faster here."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # GPU images may lack sklearn's dependencies; the CUDA test needs none
-        yield
-        return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
-
-
-def LogisticRegression(**kwargs):  # noqa: N802 - stands in for the sklearn class
-    """sklearn's estimator, or a skip where sklearn is not installed (e.g. a bare GPU image)."""
-    return pytest.importorskip("sklearn.linear_model").LogisticRegression(**kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +202,16 @@ def test_missing_class_and_label_checks(data: dict[str, np.ndarray]) -> None:
     keep = y != 5
     probe = LinearProbe([1e-2], device="cpu").fit(X[keep], y[keep], n_classes=7)
     assert probe.coef_.shape == (7, X.shape[1]) and probe.n_classes_ == 7
+    np.testing.assert_array_equal(probe.classes_, np.arange(7))
     assert not np.isin(probe.predict(X[keep]), [5, 6]).any()
+    # Also when C is chosen on the probe's own hold-out, and with the count given to the constructor.
+    held_out = LinearProbe(device="cpu", n_classes=7).fit(X[keep], y[keep])
+    assert held_out.coef_.shape == (7, X.shape[1])
+    np.testing.assert_array_equal(held_out.classes_, np.arange(7))
     with pytest.raises(ValueError, match="labels"):
         LinearProbe([1e-2], device="cpu").fit(X, y, n_classes=3)
-    with pytest.raises(ValueError, match="validation"):
-        LinearProbe(device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="X_val and y_val"):
+        LinearProbe(device="cpu").fit(X, y, X)
 
 
 def test_streamed_memmap_matches_in_memory(data: dict[str, np.ndarray], tmp_path) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lpft.store import Store
-from lpft.sweep import parse_spec, run_sweep
+from lpft.results.store import Store
+from lpft.results.spec import parse_spec
+from lpft.results.sweep import run_sweep
 
 from conftest import TEXT_TOPICS
 
@@ -21,7 +22,7 @@ def local_ray(cache):
 
 
 def test_ray_sweep_writes_every_trial_and_resumes(tmp_path, local_ray):
-    from lpft.ray_dispatch import run_sweep_ray
+    from lpft.results.ray import run_sweep_ray
 
     spec = parse_spec({"name": "ray-lp", "task": str(TEXT_TOPICS), "backbone": "minilm-l6", "seeds": [0],
                        "device": "cpu", "methods": {"lp": {"C": [0.1, 1.0]}}})

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import pytest
 
 from lpft.cli import main as cli_main
-from lpft.report import build_tables, t_interval, to_markdown, write_report
-from lpft.selection import IDValidation, LastEpoch, OODOracle, TrialResult
-from lpft.store import Store
-from lpft.sweep import Trial
+from lpft.results.report import write_report
+from lpft.results.selection import IDValidation, LastEpoch, OODOracle
+from lpft.results.store import Store
+from lpft.results.sweep import Trial
+from lpft.results.tables import build_tables, t_interval, to_markdown
+from lpft.runs import RunRecord
 
 
-def trial(method: str, seed: int, lr: float | None, epochs: list[tuple[float, float, float, float]]) -> TrialResult:
+def trial(method: str, seed: int, lr: float | None, epochs: list[tuple[float, float, float, float]]) -> RunRecord:
     """Per epoch (id_val, id_test, ood/a, ood/b) accuracies; LP (lr None) has one final result."""
     keys = ("id_val", "id_test", "ood/a", "ood/b")
     best = max(range(len(epochs)), key=lambda i: (epochs[i][0], -i))
     metrics = {k: {"accuracy": v, "ece": 0.1} for k, v in zip(keys, epochs[best])}
     if lr is None:
-        return TrialResult("toy", "bb", method, {"C": "auto"}, seed, metrics, [{"C": 1.0}], {"C": 1.0})
+        return RunRecord("toy", "bb", method, {"C": "auto", "seed": seed}, {"C": 1.0}, metrics, [{"C": 1.0}])
     history = [{"epoch": e, "accuracy": dict(zip(keys, accs))} for e, accs in enumerate(epochs, 1)]
-    return TrialResult("toy", "bb", method, {"lr": lr, "epochs": len(epochs)}, seed, metrics, history,
-                       {"epoch": best + 1})
+    return RunRecord("toy", "bb", method, {"lr": lr, "epochs": len(epochs), "seed": seed}, {"epoch": best + 1}, metrics,
+                     history)
 
 
 TRIALS = [
@@ -94,7 +97,7 @@ def test_report_command_reads_the_database(tmp_path, capsys):
                       "hyperparameters": {**t.hyperparameters, "seed": t.seed}}
             h = Trial(config).hash
             store.register("toy-sweep", h, config)
-            store.mark_running(h)
+            assert store.claim(h)
             store.mark_finished(h, task_name="toy", selected=dict(t.selected), metrics=dict(t.metrics),
                                 history=list(t.history), timings={}, environment={})
     assert cli_main(["report", str(db), "--rules", "id-val,oracle:ood/a"]) == 0
@@ -107,9 +110,9 @@ def test_report_command_reads_the_database(tmp_path, capsys):
 def test_calibration_columns_come_from_the_kept_epoch():
     """ECE (before -> after temperature scaling) is shown where the rule's epoch is the one the
     trial kept (its metrics hold calibration), and '–' where it is not (history has accuracy only)."""
-    def with_ts(t: TrialResult, ece: float) -> TrialResult:
+    def with_ts(t: RunRecord, ece: float) -> RunRecord:
         metrics = {k: {**m, "ece": ece, "ece_ts": ece / 2} for k, m in t.metrics.items()}
-        return TrialResult(t.task, t.backbone, t.method, t.hyperparameters, t.seed, metrics, t.history, t.selected)
+        return dataclasses.replace(t, metrics=metrics)
 
     trials = [with_ts(t, 0.1 + 0.01 * t.seed) for t in TRIALS]
     headline, last, oracle = build_tables(trials, RULES)

@@ -6,20 +6,21 @@ import dataclasses
 
 import pytest
 
-from lpft.selection import (
-    IDValidation, LastEpoch, OODOracle, SelectionError, TrialResult, create_rule,
+from lpft.results.selection import (
+    IDValidation, LastEpoch, OODOracle, SelectionError, create_rule,
 )
+from lpft.runs import RunRecord
 
 
-def ft_trial(lr: float, seed: int, epochs: list[tuple[float, float, float]], method: str = "ft") -> TrialResult:
+def ft_trial(lr: float, seed: int, epochs: list[tuple[float, float, float]], method: str = "ft") -> RunRecord:
     """A fine-tuning trial whose history has (id_val, id_test, ood/a) accuracy per epoch."""
     history = [{"epoch": e, "train_loss": 0.0, "accuracy": {"id_val": v, "id_test": t, "ood/a": o}}
                for e, (v, t, o) in enumerate(epochs, 1)]
     best = max(range(len(epochs)), key=lambda i: (epochs[i][0], -i))  # the loop's own id_val choice
     v, t, o = epochs[best]
     metrics = {"id_val": {"accuracy": v}, "id_test": {"accuracy": t}, "ood/a": {"accuracy": o}}
-    return TrialResult("task", "bb", method, {"lr": lr, "epochs": len(epochs)}, seed, metrics, history,
-                       {"epoch": best + 1})
+    return RunRecord("task", "bb", method, {"lr": lr, "epochs": len(epochs), "seed": seed}, {"epoch": best + 1}, metrics,
+                     history)
 
 
 # lr 1e-3: high id_val at epoch 2, best OOD at epoch 1; lr 1e-2: higher OOD everywhere, lower id_val.
@@ -68,9 +69,9 @@ def test_ties_keep_the_earlier_epoch_and_the_first_setting():
 
 
 def test_methods_are_selected_separately_and_lp_has_one_epoch():
-    lp = TrialResult("task", "bb", "lp", {"C": "auto"}, 0,
-                     {"id_val": {"accuracy": 0.6}, "id_test": {"accuracy": 0.58}, "ood/a": {"accuracy": 0.55}},
-                     history=[{"C": 0.1, "val_acc": 0.6}], selected={"C": 0.1})
+    lp = RunRecord("task", "bb", "lp", {"C": "auto", "seed": 0}, {"C": 0.1},
+                   {"id_val": {"accuracy": 0.6}, "id_test": {"accuracy": 0.58}, "ood/a": {"accuracy": 0.55}},
+                   history=[{"C": 0.1, "val_acc": 0.6}])
     sels = {s.method: s for s in IDValidation().select([*TRIALS, lp])}
     assert set(sels) == {"ft", "lp"}
     assert sels["lp"].choices[0].epoch is None and sels["lp"].accuracies("ood/a") == [0.55]

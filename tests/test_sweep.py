@@ -15,10 +15,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from lpft.report import build_tables, load_results, to_markdown
-from lpft.selection import IDValidation, LastEpoch, OODOracle
-from lpft.store import Store
-from lpft.sweep import SpecError, Trial, auto_batch_size, config_hash, expand, parse_spec, run_trial
+from lpft.results.report import load_results
+from lpft.results.tables import build_tables, to_markdown
+from lpft.results.selection import IDValidation, LastEpoch, OODOracle
+from lpft.results.store import Store
+from lpft.errors import SpecError
+from lpft.results.spec import parse_spec
+from lpft.results.sweep import Trial, config_hash, expand, run_trial
+from lpft.training import auto_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,14 +47,17 @@ def test_spec_defaults_are_the_papers_protocol():
     ({"task": "t", "backbone": "b", "learning_rate": 1}, r"unknown key\(s\) \['learning_rate'\]"),
     ({"task": "t", "backbone": "b", "methods": {"sgd": {}}}, "unknown method 'sgd'"),
     ({"task": "t", "backbone": "b", "methods": {"ft": {"lrr": [1e-3]}}}, r"unknown key\(s\) \['lrr'\] in 'methods.ft'"),
-    ({"task": "t", "backbone": "b", "methods": {"ft": {"lr": [-1.0]}}}, "'methods.ft.lr': lr must be > 0"),
+    ({"task": "t", "backbone": "b", "methods": {"ft": {"lr": [-1.0]}}}, r"'methods.ft.lr': lr \(FinetuneConfig\) must be > 0"),
     ({"task": "t", "backbone": "b", "methods": {"ft": {"seed": 1}}}, "top-level 'seeds'"),
-    ({"task": "t", "backbone": "b", "methods": {"lp": {"lr": [1e-3]}}}, "takes only 'C'"),
-    ({"task": "t", "backbone": "b", "methods": {"lp": {"C": [0.0]}}}, "'auto' or a list of positive"),
+    ({"task": "t", "backbone": "b", "methods": {"lp": {"lr": [1e-3]}}}, r"unknown key\(s\) \['lr'\] in 'methods.lp'; lp has \['C'\]"),
+    ({"task": "t", "backbone": "b", "methods": {"lp": {"C": [0.0]}}}, r"'methods.lp.C': C \(LinearProbeConfig\) must be > 0"),
     ({"task": "t", "backbone": "b", "seeds": "zero"}, "non-empty list of integers"),
     ({"task": "t", "backbone": "b", "seeds": [1, 1]}, "duplicates"),
-    ({"task": "t", "backbone": "b", "finetune": {"bn_mode": "fast"}}, "bn_mode must be"),
+    ({"task": "t", "backbone": "b", "finetune": {"bn_mode": "fast"}}, r"bn_mode \(FinetuneConfig\) must be one of \['frozen', 'train'\]"),
     ({"task": "t", "backbone": "b", "backbones": ["c"]}, "not both"),
+    ({"task": "t", "backbone": "b", "methods": {"ft": {"lr": [float("nan")]}}}, "must be a finite number"),
+    ({"task": "t", "backbone": "b", "methods": {"ft": {"lr": ".inf"}}}, "must be a number"),
+    ({"task": "t", "backbone": "b", "methods": ["lp"], "finetune": {"lr": 1e-3}}, "no method of this spec"),
 ])
 def test_spec_errors_name_the_key(raw, message):
     with pytest.raises(SpecError, match=message):
@@ -104,7 +111,7 @@ def test_store_lifecycle_and_failed_trials(tmp_path):
     with Store(db) as store:
         (row,) = store.trials(status=None)
         assert row.status == "failed" and row.attempts == 1 and "unknown task 't'" in row.error
-        store.mark_running(trial.hash)
+        assert store.claim(trial.hash)
         store.mark_finished(trial.hash, task_name="t", selected={"C": 1.0}, metrics={"id_val": {"accuracy": 0.5}}, history=[],
                             timings={"fit_seconds": 1.0}, environment={"torch": "x"})
         store.register("s", trial.hash, trial.config)  # re-registering keeps a finished trial finished

@@ -101,17 +101,17 @@ def test_yaml_image_task_loads_with_paths_relative_to_csv(tmp_path):
     assert len(task.train) == 4
 
 
-def test_yaml_corrupt_image_names_file_and_row(tmp_path):
+def test_yaml_corrupt_image_names_file_and_line(tmp_path):
     spec = _image_task(tmp_path)
     (tmp_path / "img" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    with pytest.raises(TaskError, match=r"train.csv, row 3: cannot read image .*1.png"):
+    with pytest.raises(TaskError, match=r"train.csv, line 3: cannot read image .*1.png"):
         load_task_yaml(spec)
 
 
-def test_yaml_missing_image_names_file_and_row(tmp_path):
+def test_yaml_missing_image_names_file_and_line(tmp_path):
     spec = _image_task(tmp_path)
     (tmp_path / "img" / "5.png").unlink()
-    with pytest.raises(TaskError, match=r"val.csv, row 3: image .*5.png does not exist"):
+    with pytest.raises(TaskError, match=r"val.csv, line 3: image .*5.png does not exist"):
         load_task_yaml(spec)
 
 
@@ -122,17 +122,17 @@ def test_yaml_missing_csv_file(tmp_path):
         load_task_yaml(spec)
 
 
-def test_yaml_unknown_label_in_csv_names_row(tmp_path):
+def test_yaml_unknown_label_in_csv_names_line(tmp_path):
     spec = _image_task(tmp_path)
     _write_csv(tmp_path / "test.csv", ["path", "label"], [["img/4.png", "dog"], ["img/5.png", "bird"]])
-    with pytest.raises(TaskError, match=r"test.csv\), row 2: unknown label 'bird'"):
+    with pytest.raises(TaskError, match=r"test.csv\), line 3: unknown label 'bird'"):
         load_task_yaml(spec)
 
 
 def test_yaml_wrong_columns(tmp_path):
     spec = _image_task(tmp_path)
     _write_csv(tmp_path / "val.csv", ["file", "label"], [["img/4.png", "dog"]])
-    with pytest.raises(TaskError, match=r"val.csv: needs columns 'path' and 'label'"):
+    with pytest.raises(TaskError, match=r"val.csv, line 1: needs columns 'path' and 'label'"):
         load_task_yaml(spec)
 
 

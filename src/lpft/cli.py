@@ -1,4 +1,8 @@
-"""The ``lpft`` command line: one sub-command per module, each adding its own parser."""
+"""The ``lpft`` command line: one sub-command per module, each adding its own parser.
+
+Errors that are the input's fault (:class:`lpft.errors.LpftError`) print one line naming the
+culprit and the fix and exit with status 2; ``-v`` shows the traceback too.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import argparse
 import importlib
 import logging
 import sys
+
+from lpft import __version__
+from lpft.errors import EXIT_USAGE, LpftError
 
 # sub-command name -> module exposing ``add_parser(subparsers)``; each parser sets ``func``.
 COMMANDS: dict[str, str] = {
@@ -21,8 +28,9 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lpft", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser = argparse.ArgumentParser(prog="lpft", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"lpft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
@@ -36,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except LpftError as error:
+        if args.verbose:
+            raise
+        print(f"lpft {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -32,5 +34,15 @@ class Registry(Generic[T]):
     def __getitem__(self, name: str) -> T:
         return self._items[name]
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
+    def names(self, registered_order: bool = False) -> list[str]:
+        """Registered names, sorted, or in the order they were registered."""
+        return list(self._items) if registered_order else sorted(self._items)
+
+
+@functools.cache
+def load_plugins(group: str) -> None:
+    """Import every installed entry point of ``group`` (``lpft.methods``, ``lpft.backbones``,
+    ``lpft.benchmarks``) once: a plugin package registers its methods, backbones or benchmarks
+    on import, as lpft's own modules do (docs/extending.md)."""
+    for entry in entry_points(group=group):
+        entry.load()

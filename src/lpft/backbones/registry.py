@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lpft.backbones.base import Backbone, BackboneError
-from lpft.registry import Registry
+from lpft.registry import Registry, load_plugins
 
 BackboneFactory = Callable[..., Backbone]
 _EXACT: Registry[BackboneFactory] = Registry("backbone")
@@ -43,3 +43,5 @@ def create_backbone(name: str, **options: Any) -> Backbone:
 
 def _import_builtin() -> None:
     import lpft.backbones.adapters  # noqa: F401  (registers the built-in adapters)
+
+    load_plugins("lpft.backbones")

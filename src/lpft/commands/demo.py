@@ -10,15 +10,14 @@ import argparse
 import time
 from pathlib import Path
 
-from lpft.backbones import create_backbone
 from lpft.commands.common import console, metrics_table, write_json
-from lpft.data import load_task
-from lpft.experiment import resolve_device, run_method
-from lpft.finetune import FinetuneConfig
+from lpft.runs import RunSpec, execute, resolve_device
+from lpft.runs.pipeline import load_task_once
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="LP vs FT vs LP-FT on emoji-styles (ID: noto; OOD: three other vendors)")
+    p = sub.add_parser("demo", help="LP vs FT vs LP-FT on emoji-styles (ID: noto; OOD: three other vendors)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="emoji-styles")
     p.add_argument("--backbone", default="efficientnet-lite0")
     p.add_argument("--image-size", type=int, default=64)
@@ -36,19 +35,18 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = resolve_device(args.device)
     with console.status(f"preparing {args.task} (first run renders it; later runs read the cache)"):
-        task = load_task(args.task)
+        task = load_task_once(args.task)
     console.print(task.summary())
-    backbone = create_backbone(args.backbone, image_size=args.image_size)
+    finetune = {"epochs": args.epochs, "batch_size": args.batch_size, "eval_all_splits_each_epoch": False}
+    settings = {"lp": {}, "ft": {**finetune, "lr": args.ft_lr}, "lpft": {**finetune, "lr": args.lpft_lr}}
     records = []
-    for method, lr in (("lp", None), ("ft", args.ft_lr), ("lpft", args.lpft_lr)):
-        console.rule(f"{method.upper()} ({backbone.name}, {args.image_size}px, {device})")
-        config = FinetuneConfig(
-            epochs=args.epochs, lr=lr or args.ft_lr, batch_size=args.batch_size, seed=args.seed,
-            eval_all_splits_each_epoch=False,
-        )
-        record, _ = run_method(task, backbone, method, config, device)
+    for method, values in settings.items():
+        console.rule(f"{method.upper()} ({args.backbone}, {args.image_size}px, {device})")
+        spec = RunSpec(args.task, args.backbone, method, {**values, "seed": args.seed},
+                       backbone_options={"image_size": args.image_size})
+        record = execute(spec, device)
         write_json(args.out / f"{method}.json", record.to_json())
         records.append(record)
-    console.print(metrics_table(records, f"{task.name} / {backbone.name}: accuracy (%)"))
+    console.print(metrics_table(records, f"{task.name} / {records[0].backbone_label}: accuracy (%)"))
     console.print(f"wall time {time.perf_counter() - start:.0f}s; results in {args.out}/")
     return 0

@@ -12,8 +12,9 @@ from pathlib import Path
 from rich.table import Table
 
 from lpft.commands.common import console, write_json
-from lpft.distortion import diagnose_run, plot_diagnoses
-from lpft.experiment import resolve_device
+from lpft.diagnostics import diagnose_run, plot_diagnoses
+from lpft.errors import ConfigError
+from lpft.runs import resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.labels and len(args.labels) != len(args.runs):
-        raise SystemExit(f"give one --label per --run ({len(args.runs)} runs, {len(args.labels)} labels)")
+        raise ConfigError(f"give one --label per --run ({len(args.runs)} runs, {len(args.labels)} labels)")
     device = resolve_device(args.device)
     labels = args.labels or [None] * len(args.runs)
     diagnoses = [diagnose_run(r, device, args.max_examples, label=lab) for r, lab in zip(args.runs, labels)]

@@ -9,8 +9,9 @@ from pathlib import Path
 from rich.table import Table
 
 from lpft.commands.common import console
-from lpft.report import INTERVAL_NOTE, Report, ResultTable, load_results, write_report
-from lpft.selection import SelectionRule, create_rule
+from lpft.results.report import Report, load_results, write_report
+from lpft.results.tables import INTERVAL_NOTE, ResultTable
+from lpft.results.selection import SelectionRule, create_rule
 
 DEFAULT_RULES = "id-val,last-epoch,oracle"
 

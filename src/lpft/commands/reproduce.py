@@ -16,15 +16,23 @@ from pathlib import Path
 
 from lpft.commands.common import console
 from lpft.commands.report import add_rules_argument, parse_rules, print_report
-from lpft.report import load_results, write_report
-from lpft.sweep import SweepSpec, load_spec, run_sweep
+from lpft.results.report import load_results, write_report
+from lpft.results.spec import SweepSpec, load_spec
+from lpft.results.sweep import run_sweep
 
-BENCHMARKS: tuple[str, ...] = ("emoji-styles", "digits")
+FULL_SUFFIX = "-full"
+
+
+def packaged_benchmarks() -> list[str]:
+    """Benchmarks with a bundled spec (``lpft/reproduce/<name>.yaml``): adding a spec file adds a benchmark here."""
+    files = resources.files("lpft") / "reproduce"
+    stems = sorted(f.name.removesuffix(".yaml") for f in files.iterdir() if f.name.endswith(".yaml"))
+    return [s for s in stems if not s.endswith(FULL_SUFFIX)]
 
 
 def packaged_spec(benchmark: str, full: bool) -> SweepSpec:
     """The bundled sweep spec of a benchmark (``-full`` variant with ``full``)."""
-    name = f"{benchmark}{'-full' if full else ''}.yaml"
+    name = f"{benchmark}{FULL_SUFFIX if full else ''}.yaml"
     with resources.as_file(resources.files("lpft") / "reproduce" / name) as path:
         return load_spec(path)
 
@@ -32,7 +40,9 @@ def packaged_spec(benchmark: str, full: bool) -> SweepSpec:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="the paper's LP / FT / LP-FT protocol on every bundled benchmark")
     p.add_argument("--full", action="store_true", help="the paper's grids and epochs at full resolution (for a GPU)")
-    p.add_argument("--benchmarks", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    benchmarks = packaged_benchmarks()
+    p.add_argument("--benchmarks", nargs="+", choices=benchmarks, default=benchmarks,
+                   help="which bundled benchmarks (default: all)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/reproduce[-full])")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
     add_rules_argument(p)

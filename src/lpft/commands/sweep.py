@@ -7,8 +7,9 @@ from pathlib import Path
 
 from lpft.commands.common import console
 from lpft.commands.report import add_rules_argument, parse_rules, print_report
-from lpft.report import load_results, write_report
-from lpft.sweep import load_spec, run_sweep
+from lpft.results.report import load_results, write_report
+from lpft.results.spec import load_spec
+from lpft.results.sweep import run_sweep
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / spec.name
     db = args.db or out / "results.sqlite"
     if args.engine == "ray":
-        from lpft.ray_dispatch import run_sweep_ray
+        from lpft.results.ray import run_sweep_ray
 
         summary = run_sweep_ray(spec, db, args.device, address=args.ray_address, gpus_per_trial=args.ray_gpus_per_trial)
     else:

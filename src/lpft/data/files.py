@@ -1,8 +1,10 @@
-"""Tasks from a YAML file of CSV splits.
+"""Tasks from a YAML file of CSV splits; the format and every rule are in docs/tasks.md.
 
 ```yaml
 name: my-task
 modality: text          # or image
+classes: [neg, pos]     # optional; default: the sorted distinct training labels
+allow_outside: false    # optional; true lets CSV and image paths leave this file's folder
 splits:
   train: train.csv      # columns: text,label  (image tasks: path,label; path relative to the CSV)
   id_val: val.csv
@@ -10,70 +12,100 @@ splits:
   ood:
     shifted-a: a.csv
 ```
+
+Bad input is refused, never guessed at: unknown or repeated keys, wrong types, CSV files that
+are not UTF-8, duplicated columns, rows with a stray field, blank texts, and paths that leave
+the task's folder. Every CSV error gives the line an editor shows (the header is line 1).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import logging
+import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image
 
 from lpft.data.task import ID_SPLITS, MODALITIES, Split, Task, TaskError, class_names_from_labels, encode_labels
 
-log = logging.getLogger(__name__)
-
 INPUT_COLUMN = {"text": "text", "image": "path"}
+KNOWN_KEYS: tuple[str, ...] = ("name", "modality", "classes", "allow_outside", "splits")
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The input and label columns of one CSV, with the line each row starts on."""
+
+    inputs: list[str]
+    labels: list[str]
+    lines: list[int]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: list = []
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden, by design
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.append(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def load_task_yaml(path: str | Path, check_images: bool = True) -> Task:
-    """Load and validate a task YAML; every error names the file (and row) to fix.
+    """Load and validate a task YAML; every error names the file (and line) to fix.
 
-    With ``check_images`` every image is opened and fully decoded once, so a corrupt file
-    fails here, naming its CSV row, rather than hours into training.
+    CSV and image paths must resolve, symlinks followed, inside the YAML's folder unless the
+    YAML sets ``allow_outside: true``. With ``check_images`` every image is opened and fully
+    decoded once, so a corrupt file fails here, naming its CSV line, rather than hours into
+    training.
     """
     path = Path(path)
+    if Path(os.path.realpath(path)).suffix.lower() not in YAML_SUFFIXES:
+        raise TaskError(f"task file {path} must be a YAML file ending in .yaml or .yml")
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise TaskError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise TaskError(f"{path}: expected a mapping with name, modality and splits")
-    name = str(spec.get("name") or path.stem)
+    spec = _read_yaml(path)
+    allow_outside = spec.get("allow_outside", False)
+    if not isinstance(allow_outside, bool):
+        raise TaskError(f"{path}: `allow_outside` must be true or false, got {_describe(allow_outside)}")
     modality = spec.get("modality")
-    if modality not in MODALITIES:
-        raise TaskError(f"{path}: `modality` must be one of {list(MODALITIES)}, got {modality!r}")
-    splits = spec.get("splits")
-    if not isinstance(splits, dict):
-        raise TaskError(f"{path}: `splits` must map train, id_val, id_test (and optionally ood) to CSV files")
-    missing = [k for k in ID_SPLITS if k not in splits]
-    if missing:
-        raise TaskError(f"{path}: `splits` is missing {missing}")
-    unknown = sorted(set(splits) - set(ID_SPLITS) - {"ood"})
-    if unknown:
-        raise TaskError(f"{path}: unknown split keys {unknown}; OOD splits go under `splits.ood`")
-    ood = splits.get("ood") or {}
-    if not isinstance(ood, dict):
-        raise TaskError(f"{path}: `splits.ood` must map OOD split names to CSV files")
+    name = spec.get("name") or path.stem
+    if not isinstance(name, str):
+        raise TaskError(f"{path}: `name` must be a string, got {_describe(name)}; quote it")
+    classes = _classes(spec.get("classes"), path)
 
-    csv_paths = {k: path.parent / splits[k] for k in ID_SPLITS}
-    csv_paths.update({f"ood/{k}": path.parent / v for k, v in ood.items()})
-    rows = {k: _read_csv(p, modality) for k, p in csv_paths.items()}
-    classes = spec.get("classes")
-    classes = tuple(str(c) for c in classes) if classes else class_names_from_labels(_labels_as_read(rows["train"][1]))
+    root = Path(os.path.realpath(path.parent))
+    csv_paths = {
+        key: _csv_path(path, root, yaml_key, file, allow_outside) for key, file, yaml_key in _split_files(spec, path)
+    }
+    rows = {key: _read_csv(p, modality) for key, p in csv_paths.items()}
+    if classes is None:
+        classes = class_names_from_labels(_labels_as_read(rows["train"].labels))
 
     built: dict[str, Split] = {}
-    for key, (inputs, labels) in rows.items():
+    for key, r in rows.items():
         source = str(csv_paths[key])
+        inputs: list = r.inputs
         if modality == "image":
-            inputs = [csv_paths[key].parent / p for p in inputs]
-            if check_images:
-                _check_images(inputs, source)
-        built[key] = Split(key, inputs, encode_labels(labels, classes, key, source), source)
+            inputs = [csv_paths[key].parent / p for p in r.inputs]
+            _check_images(inputs, r.lines, source, root, allow_outside, check_images, path)
+        built[key] = Split(key, inputs, encode_labels(r.labels, classes, key, source, r.lines), source)
+    _check_classes_in_train(built, rows, classes)
     return Task(
         name=name,
         modality=modality,
@@ -85,6 +117,92 @@ def load_task_yaml(path: str | Path, check_images: bool = True) -> Task:
     )
 
 
+def _read_yaml(path: Path) -> dict:
+    """The task mapping, with only known keys and a valid ``modality``.
+
+    YAML errors give the line and the problem but no snippet of the file.
+    """
+    raw = path.read_bytes()
+    try:
+        spec = yaml.load(raw, Loader=_StrictLoader)  # bytes: PyYAML detects UTF-8/16 and a BOM
+    except yaml.reader.ReaderError as exc:
+        line = len((raw[: exc.position] + b"x").splitlines())
+        raise TaskError(f"{path}, line {line}: not UTF-8 ({exc.reason}); save the file as UTF-8") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TaskError(f"{path}{where}: not valid YAML: {exc.problem or exc.context}") from None
+    if not isinstance(spec, dict):
+        raise TaskError(f"{path}: expected a mapping with name, modality and splits")
+    unknown = [k for k in spec if k not in KNOWN_KEYS]
+    if unknown:
+        raise TaskError(f"{path}: unknown keys {unknown}; the known keys are {list(KNOWN_KEYS)}")
+    modality = spec.get("modality")
+    if modality not in MODALITIES:
+        raise TaskError(f"{path}: `modality` must be one of {list(MODALITIES)}, got {modality!r}")
+    return spec
+
+
+def _split_files(spec: dict, path: Path) -> list[tuple[str, str, str]]:
+    """``(split key, CSV name, YAML key)`` for the ID splits, then ``ood/<name>`` for each OOD split."""
+    splits = spec.get("splits")
+    if not isinstance(splits, dict):
+        raise TaskError(f"{path}: `splits` must map train, id_val, id_test (and optionally ood) to CSV files")
+    missing = [k for k in ID_SPLITS if k not in splits]
+    if missing:
+        raise TaskError(f"{path}: `splits` is missing {missing}")
+    unknown = [k for k in splits if k not in ID_SPLITS and k != "ood"]
+    if unknown:
+        raise TaskError(f"{path}: unknown split keys {unknown}; OOD splits go under `splits.ood`")
+    ood = splits.get("ood") or {}
+    if not isinstance(ood, dict):
+        raise TaskError(f"{path}: `splits.ood` must map OOD split names to CSV files, got {_describe(ood)}")
+    files = [(k, splits[k], f"splits.{k}") for k in ID_SPLITS]
+    for name, value in ood.items():
+        if not isinstance(name, str) or not name:
+            raise TaskError(f"{path}: OOD split names under `splits.ood` must be strings, got {_describe(name)}")
+        files.append((f"ood/{name}", value, f"splits.ood.{name}"))
+    for _, value, yaml_key in files:
+        if not isinstance(value, str) or not value.strip():
+            raise TaskError(f"{path}: `{yaml_key}` must be a CSV file name (a string), got {_describe(value)}")
+    return files
+
+
+def _classes(classes: object, path: Path) -> tuple[str, ...] | None:
+    """The ``classes`` list as strings, or ``None`` when absent (then they come from train)."""
+    if classes is None:
+        return None
+    if not isinstance(classes, list):
+        raise TaskError(f"{path}: `classes` must be a list of class names, e.g. [cat, dog]; got {_describe(classes)}")
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (str, int))]
+    if bad:
+        raise TaskError(
+            f"{path}: `classes` must hold names (strings or integers); {bad[0]!r} is a {type(bad[0]).__name__}. "
+            "Quote it (YAML reads yes/no/true/false as booleans)"
+        )
+    return tuple(str(c) for c in classes)
+
+
+def _csv_path(spec: Path, root: Path, yaml_key: str, value: str, allow_outside: bool) -> Path:
+    """The CSV file of one split, refused when it leaves the task folder or is not a ``.csv`` file."""
+    csv_path = spec.parent / value
+    real = Path(os.path.realpath(csv_path))
+    if not allow_outside and not real.is_relative_to(root):
+        raise TaskError(
+            f"{spec}: `{yaml_key}` = {value!r} resolves to {real}, outside the task folder {root}; "
+            "move the file into that folder or set `allow_outside: true`"
+        )
+    if real.suffix.lower() != ".csv":  # never read, nor quote, a file that is not a CSV
+        raise TaskError(f"{spec}: `{yaml_key}` = {value!r} resolves to {real}, which is not a .csv file")
+    if not real.is_file():
+        raise TaskError(f"split file {csv_path} does not exist (`{yaml_key}` in {spec})")
+    return csv_path
+
+
+def _describe(value: object) -> str:
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
+
+
 def _labels_as_read(labels: list[str]) -> list:
     """CSV labels are strings; treat an all-integer column as integers so 10 sorts after 9."""
     try:
@@ -93,33 +211,111 @@ def _labels_as_read(labels: list[str]) -> list:
         return labels
 
 
-def _read_csv(path: Path, modality: str) -> tuple[list[str], list[str]]:
-    if not path.is_file():
-        raise TaskError(f"split file {path} does not exist")
+def _read_csv(path: Path, modality: str) -> _Rows:
+    """The input and label columns of a UTF-8 CSV (a leading byte-order mark is allowed).
+
+    Refused, naming the line: bytes that are not UTF-8, malformed quoting, a duplicated
+    column, a row whose field count differs from the header's, an empty or whitespace-only
+    input, an empty label. Blank lines are skipped; labels are stripped, inputs kept as is.
+    """
     column = INPUT_COLUMN[modality]
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):  # spreadsheets write one
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = len((raw[: exc.start] + b"x").splitlines())
+        raise TaskError(
+            f"{path}, line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 (perhaps latin-1 or cp1252); "
+            "re-save the file as UTF-8 (a spreadsheet's 'CSV UTF-8')"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise TaskError(f"{path}: empty file; line 1 must be the header {column},label")
+        duplicated = sorted({c for c in header if header.count(c) > 1})
+        if duplicated:
+            raise TaskError(f"{path}, line 1: column {duplicated[0]!r} appears more than once in the header {header}")
         if column not in header or "label" not in header:
-            raise TaskError(f"{path}: needs columns {column!r} and 'label' for a {modality} task; header is {header}")
-        inputs, labels = [], []
-        for row_number, row in enumerate(reader, start=2):  # row 1 is the header
-            value, label = row.get(column), row.get("label")
-            if value is None or label is None or label.strip() == "" or value == "":
-                raise TaskError(f"{path}, row {row_number}: empty {column!r} or 'label'")
-            inputs.append(value)
-            labels.append(label.strip())
-    if not labels:
+            raise TaskError(
+                f"{path}, line 1: needs columns {column!r} and 'label' for a {modality} task; header is {header}"
+            )
+        input_at, label_at = header.index(column), header.index("label")
+        rows = _Rows([], [], [])
+        end = reader.line_num
+        for row in reader:
+            line, end = end + 1, reader.line_num  # a quoted field may span lines: report where the row starts
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise TaskError(
+                    f"{path}, line {line}: {len(row)} fields but the header has {len(header)}; "
+                    "quote a field that contains a comma"
+                )
+            value, label = row[input_at], row[label_at].strip()
+            if not value.strip():
+                raise TaskError(f"{path}, line {line}: {column!r} is {'empty' if not value else 'only whitespace'}")
+            if not label:
+                raise TaskError(f"{path}, line {line}: 'label' is empty")
+            rows.inputs.append(value)
+            rows.labels.append(label)
+            rows.lines.append(line)
+    except csv.Error as exc:
+        raise TaskError(f"{path}, line {reader.line_num}: not valid CSV: {exc}") from None
+    if not rows.labels:
         raise TaskError(f"{path}: no rows; every split needs examples")
-    return inputs, labels
+    return rows
 
 
-def _check_images(paths: list[Path], source: str) -> None:
-    for row, p in enumerate(paths, start=2):
+class _RealPaths:
+    """Resolves paths (symlinks followed), resolving each parent folder once: one lstat per file."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        folder, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            return os.path.realpath(path)
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            real_folder = self._folders[folder] = os.path.realpath(folder)
+        real = os.path.join(real_folder, name)
+        return os.path.realpath(real) if os.path.islink(real) else real
+
+
+def _check_images(
+    paths: list[Path], lines: list[int], source: str, root: Path, allow_outside: bool, decode: bool, spec: Path
+) -> None:
+    """Refuse images outside ``root`` (unless allowed) and, with ``decode``, missing or corrupt ones."""
+    real_path, inside = _RealPaths(), os.path.join(root, "")
+    for p, line in zip(paths, lines):
+        if not allow_outside and not (real := real_path(p)).startswith(inside):
+            raise TaskError(
+                f"{source}, line {line}: image {p} resolves to {real}, outside the task folder {root}; "
+                f"move it into that folder or set `allow_outside: true` in {spec}"
+            )
+        if not decode:
+            continue
         if not p.is_file():
-            raise TaskError(f"{source}, row {row}: image {p} does not exist")
+            raise TaskError(f"{source}, line {line}: image {p} does not exist")
         try:
             with Image.open(p) as img:
                 img.load()
         except Exception as exc:  # PIL raises many types for bad files
-            raise TaskError(f"{source}, row {row}: cannot read image {p}: {exc}") from exc
+            raise TaskError(f"{source}, line {line}: cannot read image {p}: {exc}") from exc
+
+
+def _check_classes_in_train(built: dict[str, Split], rows: dict[str, _Rows], classes: tuple[str, ...]) -> None:
+    """Refuse an evaluation row whose class never occurs in train, naming its line."""
+    trained = np.unique(built["train"].labels)
+    for key, split in built.items():
+        unseen = np.flatnonzero(~np.isin(split.labels, trained))
+        if unseen.size:
+            i = unseen[0]
+            raise TaskError(
+                f"{split.source}, line {rows[key].lines[i]}: class {classes[split.labels[i]]!r} never occurs in "
+                f"train ({built['train'].source}); a model cannot learn it. Remove those rows or add training examples."
+            )

@@ -37,4 +37,4 @@ def load_task(spec: str | Path, **options) -> Task:
 
 
 def _import_builtin() -> None:
-    import lpft.data.benchmarks  # noqa: F401  (registers the bundled benchmarks)
+    import lpft.data.bundled  # noqa: F401  (registers the bundled benchmarks)

@@ -3,7 +3,8 @@
 A task owns its splits (as in WILDS): ``train`` (fit), ``id_val`` (model selection),
 ``id_test`` (reported ID accuracy) and ``ood`` (reported OOD accuracy, never used for
 selection). Every split is validated when the task is built, so a bad label or an empty
-split fails at load time with a message that names the split, the file and the row.
+split fails at load time with a message that names the split, the file and the line (the
+row, for in-memory arrays).
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from typing import Literal
 
 import numpy as np
 
+from lpft.errors import TaskError
+
 log = logging.getLogger(__name__)
 
 Modality = Literal["image", "text"]
 MODALITIES: tuple[str, ...] = ("image", "text")
 ID_SPLITS: tuple[str, ...] = ("train", "id_val", "id_test")
-
-
-class TaskError(ValueError):
-    """A task definition or its data is invalid; the message says where and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -154,15 +153,22 @@ def class_names_from_labels(labels: Sequence) -> tuple[str, ...]:
     return tuple(sorted(str(v) for v in values))
 
 
-def encode_labels(labels: Sequence, classes: Sequence[str], split: str, source: str) -> np.ndarray:
-    """Map raw labels to class indices, naming the first unknown label's row on failure."""
+def encode_labels(
+    labels: Sequence, classes: Sequence[str], split: str, source: str, lines: Sequence[int] | None = None
+) -> np.ndarray:
+    """Map raw labels to class indices, naming where the first unknown label is on failure.
+
+    ``lines`` gives each label's line in its CSV file (as an editor numbers it: the header is
+    line 1); without it, as for in-memory arrays, the 1-based row is named instead.
+    """
     index = {c: i for i, c in enumerate(classes)}
     out = np.empty(len(labels), dtype=np.int64)
     for row, label in enumerate(labels):
         key = str(int(label)) if isinstance(label, (int, np.integer)) else str(label)
         if key not in index:
+            where = f"line {lines[row]}" if lines is not None else f"row {row + 1}"
             raise TaskError(
-                f"split {split!r} ({source}), row {row + 1}: unknown label {label!r}; "
+                f"split {split!r} ({source}), {where}: unknown label {label!r}; "
                 f"known classes are {list(classes)}. Fix the label or add the class to train."
             )
         out[row] = index[key]

@@ -1,0 +1,221 @@
+"""One training loop for FT and LP-FT: they differ only in how the head starts.
+
+Everything else (optimiser, cosine schedule, BatchNorm mode, epoch selection on ID
+validation) is shared, so a comparison of FT and LP-FT isolates the head initialisation.
+
+The loop has switchable fast paths (bf16 autocast, channels_last, torch.compile, fused
+optimisers, device-resident data, pinned transfers). ``"auto"`` turns each on only where it
+measured faster: see :func:`resolve_fast_path` and docs/scale.md. The same loop runs under
+``torchrun`` as one DDP run (:mod:`lpft.training.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from lpft.features import SplitData, to_device
+from lpft.data.splits import SELECTION_SPLIT
+from lpft.training import distributed
+from lpft.training.config import FinetuneConfig
+from lpft.training.fastpath import FastPath, resolve_fast_path
+from lpft.training.model import Classifier, set_batchnorm_mode
+
+log = logging.getLogger(__name__)
+
+DEVICE_DATA_FRACTION = 0.25  # hold splits on the GPU only while they take under this share of its free memory
+
+
+@dataclass
+class FinetuneResult:
+    """Per-epoch history and the selected epoch; the model holds the selected weights."""
+
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    logits: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+StepCallback = Callable[[int, Classifier], None]
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: Classifier, data: SplitData, device: torch.device, batch_size: int = 256, fast: FastPath | None = None
+) -> np.ndarray:
+    """Logits ``[N, C]`` (float32) for a whole split, in eval mode, batched under inference mode.
+
+    ``fast`` applies the run's autocast and memory format (default: plain fp32). Under DDP
+    every rank scores its shard and all ranks receive the whole array, so all must call this.
+    """
+    ctx = distributed.context(device)
+    part = distributed.shard(len(data), ctx)
+    was_training = model.training
+    model.eval()
+    out = []
+    channels_last = fast is not None and fast.channels_last
+    with fast.autocast(device) if fast is not None else contextlib.nullcontext():
+        for start in range(part.start, part.stop, batch_size):
+            index = np.arange(start, min(start + batch_size, part.stop))
+            out.append(model(to_device(data.batch(index), device, channels_last)).float())
+    model.train(was_training)
+    logits = torch.cat(out).cpu().numpy() if out else np.zeros((0, model.head.out_features), np.float32)
+    return distributed.gather_rows(logits, ctx)
+
+
+def _optimizer(model: Classifier, config: FinetuneConfig, fast: FastPath) -> torch.optim.Optimizer:
+    params = list(model.backbone.trainable_parameters()) + list(model.head.parameters())
+    fused = fast.fused_optimizer or None  # None lets torch pick its default (foreach) implementation
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def _hold_on_device(splits: list[SplitData], device: torch.device) -> None:
+    """Move preloaded splits to the GPU when together they fit in a modest share of its free memory."""
+    preloaded = [d for d in splits if d.preloaded]
+    needed = sum(d.nbytes for d in preloaded)
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= DEVICE_DATA_FRACTION * free:
+        for d in preloaded:
+            d.to(device)
+    else:
+        log.info("splits need %.1f GiB, more than %.0f%% of free GPU memory: batches stay on the host",
+                 needed / 2**30, 100 * DEVICE_DATA_FRACTION)
+
+
+def _first_step_compiled_or_eager(
+    forward_backward: Callable[[Callable[..., torch.Tensor]], torch.Tensor],
+    compiled: Callable[..., torch.Tensor],
+    eager: nn.Module,
+    model: nn.Module,
+) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+    """The first step's loss through ``compiled``, or, if compiled code fails, through ``eager``.
+
+    Returns the loss and the forward the rest of training should use. torch.compile has shipped
+    bugs that only show when its generated code runs: on an H200 (torch 2.11), inductor's
+    stride assertion in the backward of a 3x3 convolution fired for ResNet-18 at 32 px with
+    channels_last. A run should then go on eagerly rather than die; an error that is not
+    the compiler's recurs in the eager retry and propagates from there. The parameters are
+    untouched (no optimiser step has run); the buffers the failed forward may have updated
+    (BatchNorm statistics in ``bn_mode="train"``) are restored first. Not under DDP, whose
+    reducer a half-run backward leaves expecting gradients: there the error propagates.
+    """
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        return forward_backward(compiled), compiled
+    except Exception as error:  # noqa: BLE001 - any failure of generated code; retried eagerly below
+        log.warning("torch.compile failed on the first training step (%s: %s); training without it. "
+                    "Pass compile='off' (CLI: --compile off) to skip compiling.",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        return forward_backward(eager), eager
+
+
+def finetune(
+    model: Classifier,
+    train: SplitData,
+    evals: Mapping[str, SplitData],
+    config: FinetuneConfig,
+    device: torch.device,
+    before_step: StepCallback | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train all parameters with a per-step cosine schedule; keep the epoch with best ID-val accuracy.
+
+    With ``config.eval_all_splits_each_epoch`` every split in ``evals`` is scored after each
+    epoch (so later selection rules can use the history); ``evals`` must contain ``id_val``.
+    On return the model holds the weights of the selected epoch and ``result.logits`` its
+    logits on every split.
+
+    Under torchrun (DDP) every rank draws the same permutation and takes every
+    ``world_size``-th example of each global batch (DistributedSampler's split); the loss is
+    scaled so the all-reduced gradient equals the single-process gradient of the global batch.
+    """
+    if SELECTION_SPLIT not in evals:
+        raise ValueError(f"fine-tuning selects the epoch on {SELECTION_SPLIT!r}; it is missing from evals")
+    ctx = distributed.context(device)
+    fast = resolve_fast_path(config, model.backbone, device)
+    log.info("fast path: %s", fast)
+    model.to(device)
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if fast.data_on_device:
+        _hold_on_device([train, *evals.values()], device)
+    optimizer = _optimizer(model, config, fast)
+    # static_graph: some backbones hold parameters their features never use (BERT's pooler);
+    # DDP learns the set once instead of searching the graph every step (find_unused_parameters)
+    net: nn.Module = DistributedDataParallel(model, static_graph=True) if ctx.enabled else model
+    forward = torch.compile(net) if fast.compile else net
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    generator = torch.Generator().manual_seed(config.seed)
+    labels = train.labels.to(train.device)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    result = FinetuneResult()
+    best_acc, best_state = -1.0, None
+
+    def forward_backward(fwd: Callable[..., torch.Tensor], local: torch.Tensor, weight: float) -> torch.Tensor:
+        """Loss of the batch ``local`` and its gradients, scaled by ``weight`` (the DDP share); no optimiser step."""
+        with fast.autocast(device):
+            logits = fwd(to_device(train.batch(local), device, fast.channels_last))
+        loss = loss_fn(logits.float(), to_device(labels[local], device))
+        optimizer.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        return loss
+
+    step = 0
+    bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=not (progress and ctx.is_main), leave=False)
+    for epoch in range(1, config.epochs + 1):
+        net.train()
+        set_batchnorm_mode(model, config.bn_mode)
+        order = torch.randperm(len(train), generator=generator).to(train.device)
+        total_loss = torch.zeros((), device=device)  # summed on device: no host sync per step
+        for start in range(0, len(order), config.batch_size):
+            index = order[start : start + config.batch_size]
+            local, weight = index[ctx.rank :: ctx.world_size], ctx.world_size / len(index)
+            if len(local) == 0:  # a last global batch smaller than the world: join the all-reduce with zero weight
+                local, weight = index[:1], 0.0
+            if before_step is not None:
+                before_step(step, model)
+            if step == 0 and forward is not net and not ctx.enabled:
+                loss, forward = _first_step_compiled_or_eager(
+                    lambda fwd: forward_backward(fwd, local, weight), forward, net, model)
+            else:
+                loss = forward_backward(forward, local, weight)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            total_loss += loss.detach() * (weight > 0)
+            bar.update(1)
+        train_loss = float(distributed.all_reduce_sum(total_loss, ctx)) / len(train)
+        bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}")
+        tracked = evals if config.eval_all_splits_each_epoch else {SELECTION_SPLIT: evals[SELECTION_SPLIT]}
+        logits = {k: predict_logits(model, d, device, config.eval_batch_size, fast) for k, d in tracked.items()}
+        accuracy = {k: float((v.argmax(1) == evals[k].split.labels).mean()) for k, v in logits.items()}
+        result.history.append({"epoch": epoch, "train_loss": train_loss, "accuracy": accuracy})
+        log.info("epoch %d/%d  loss %.4f  %s", epoch, config.epochs, train_loss,
+                 "  ".join(f"{k} {a:.4f}" for k, a in accuracy.items()))
+        if accuracy[SELECTION_SPLIT] > best_acc:  # strict: ties keep the earlier epoch
+            best_acc, result.best_epoch, result.logits = accuracy[SELECTION_SPLIT], epoch, logits
+            best_state = copy.deepcopy(model.state_dict())
+    bar.close()
+    model.load_state_dict(best_state)
+    if fast.channels_last:
+        model.to(memory_format=torch.contiguous_format)  # hand back the layout we were given
+    model.eval()
+    for key in evals.keys() - result.logits.keys():
+        result.logits[key] = predict_logits(model, evals[key], device, config.eval_batch_size, fast)
+    return result
