@@ -56,17 +56,19 @@ def test_lpft_first_step_starts_from_the_lp_head(cache, digits_task, lite32):
     seen = {}
 
     def capture(step, model):
+        seen.setdefault(step, model.head.weight.detach().clone())
         if step == 0:
-            seen["weight"] = model.head.weight.detach().clone()
             seen["bias"] = model.head.bias.detach().clone()
 
     method = LinearProbeThenFineTune(LPFTConfig(epochs=1, lr=1e-3, batch_size=32))
     method.before_step = capture
     result = method.fit(digits_task, lite32, CPU)
-    torch.testing.assert_close(seen["weight"], torch.as_tensor(probe.coef_, dtype=torch.float32))
+    torch.testing.assert_close(seen[0], torch.as_tensor(probe.coef_, dtype=torch.float32))
     torch.testing.assert_close(seen["bias"], torch.as_tensor(probe.intercept_, dtype=torch.float32))
     # the head moved during training, and the backbone given to the method did not
-    assert not torch.equal(result.model.head.weight.detach(), seen["weight"])
+    assert not torch.equal(seen[1], seen[0])
+    kept = result.selected["epoch"]
+    assert torch.equal(result.model.head.weight.detach(), seen[0]) == (kept == 0), "epoch 0 is the start, unchanged"
     fresh = create_backbone("efficientnet-lite0", image_size=32)
     for (name, p), q in zip(lite32.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(p, q), f"{name} changed: methods must not modify the backbone they are given"
@@ -91,8 +93,8 @@ def test_end_to_end_image_run(cache, digits_task, lite32, method):
     if method == "lp":
         assert "C" in record.selected
     else:
-        assert 1 <= record.selected["epoch"] <= FAST[method]["epochs"]
-        assert len(record.history) == FAST[method]["epochs"]
+        assert 0 <= record.selected["epoch"] <= FAST[method]["epochs"]
+        assert [h["epoch"] for h in record.history] == list(range(FAST[method]["epochs"] + 1))  # 0: the start
 
 
 def test_cli_run_text_task_writes_json(cache, tmp_path):
@@ -114,3 +116,30 @@ def test_backbone_modality_mismatch_is_reported(digits_task):
 
     with pytest.raises(BackboneError, match="reads text but task 'tiny-digits' is a image task"):
         run(digits_task, "minilm-l6", "lp")
+
+
+def test_lpft_keeps_its_start_when_fine_tuning_only_hurts(cache, digits_task, lite32):
+    """Epoch 0 (the linear probe) is a candidate: AdamW at lr 1e-2 wrecks the features in one epoch,
+    so ID-validation selection keeps the probe, and the run says so."""
+    probe, probe_logits = fit_linear_probe(digits_task, lite32, CPU)
+    record, result = run_method(digits_task, lite32, create_method("lpft", {"epochs": 1, "lr": 1e-2, "optimizer": "adamw",
+                                                                            "batch_size": 16}), CPU)
+    start, after = record.history
+    assert after["accuracy"]["id_val"] < start["accuracy"]["id_val"], "the setting must hurt for this test to mean anything"
+    assert record.selected["epoch"] == 0
+    np.testing.assert_allclose(result.logits["id_test"], probe_logits["id_test"], rtol=1e-4, atol=1e-4)
+    # the fitted head's first step is compared with FT's seeded random head on the same batch
+    d = record.diagnostics
+    assert d["first_step_random_head"]["loss"] == pytest.approx(np.log(3), abs=0.15)  # near-uniform, 3 classes
+    assert d["first_step"]["loss"] < d["first_step_random_head"]["loss"]
+    assert d["backbone_gradient_ratio"] == pytest.approx(
+        d["first_step"]["grad_norm_backbone"] / d["first_step_random_head"]["grad_norm_backbone"])
+
+
+def test_divergence_stops_the_run_at_that_step(cache, digits_task, lite32):
+    from lpft.errors import RunError
+
+    with pytest.raises(RunError, match=r"diverged at epoch 1, step [12] of \d+: .*peak lr 1e\+08\); lower --lr"):
+        run_method(digits_task, lite32, create_method("ft", {"epochs": 2, "lr": 1e8, "batch_size": 16}), CPU)
+    with pytest.raises(ConfigError, match="finite"):
+        create_method("ft", {"lr": float("nan")})

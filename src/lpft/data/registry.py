@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lpft.data.task import Task, TaskError
-from lpft.registry import Registry
+from lpft.registry import Registry, load_plugins
 
 BenchmarkLoader = Callable[..., Task]
 _BENCHMARKS: Registry[BenchmarkLoader] = Registry("benchmark")
@@ -38,3 +38,5 @@ def load_task(spec: str | Path, **options) -> Task:
 
 def _import_builtin() -> None:
     import lpft.data.bundled  # noqa: F401  (registers the bundled benchmarks)
+
+    load_plugins("lpft.benchmarks")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lpft.features import SplitData, to_device
 from lpft.data.splits import SELECTION_SPLIT
+from lpft.errors import RunError
 from lpft.training import distributed
 from lpft.training.config import FinetuneConfig
 from lpft.training.fastpath import FastPath, resolve_fast_path
@@ -34,6 +35,9 @@ from lpft.training.model import Classifier, set_batchnorm_mode
 log = logging.getLogger(__name__)
 
 DEVICE_DATA_FRACTION = 0.25  # hold splits on the GPU only while they take under this share of its free memory
+# A batch loss this many times above the larger of log K (a uniform guess) and the first batch's is divergence.
+DIVERGENCE_FACTOR = 100.0
+CHECK_EVERY_CUDA = 50  # steps between divergence checks on a GPU (each check synchronises the device)
 
 
 @dataclass
@@ -46,6 +50,8 @@ class FinetuneResult:
 
 
 StepCallback = Callable[[int, Classifier], None]
+Penalty = Callable[[Classifier], torch.Tensor]  # a regulariser added to the batch loss (e.g. L2-SP)
+OptimizerFactory = Callable[[Classifier, FinetuneConfig, FastPath], torch.optim.Optimizer]
 
 
 @torch.inference_mode()
@@ -72,8 +78,13 @@ def predict_logits(
     return distributed.gather_rows(logits, ctx)
 
 
-def _optimizer(model: Classifier, config: FinetuneConfig, fast: FastPath) -> torch.optim.Optimizer:
-    params = list(model.backbone.trainable_parameters()) + list(model.head.parameters())
+def build_optimizer(model: Classifier, config: FinetuneConfig, fast: FastPath) -> torch.optim.Optimizer:
+    """The configured SGD or AdamW over the backbone's trainable parameters and the head (one group)."""
+    return optimizer_for(config, fast, list(model.backbone.trainable_parameters()) + list(model.head.parameters()))
+
+
+def optimizer_for(config: FinetuneConfig, fast: FastPath, params: list) -> torch.optim.Optimizer:
+    """The configured SGD or AdamW over ``params``: tensors, or param-group dicts (each may set its own ``lr``)."""
     fused = fast.fused_optimizer or None  # None lets torch pick its default (foreach) implementation
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused)
@@ -131,17 +142,32 @@ def finetune(
     device: torch.device,
     before_step: StepCallback | None = None,
     progress: bool = True,
+    penalty: Penalty | None = None,
+    make_optimizer: OptimizerFactory = build_optimizer,
 ) -> FinetuneResult:
     """Train all parameters with a per-step cosine schedule; keep the epoch with best ID-val accuracy.
 
-    With ``config.eval_all_splits_each_epoch`` every split in ``evals`` is scored after each
-    epoch (so later selection rules can use the history); ``evals`` must contain ``id_val``.
-    On return the model holds the weights of the selected epoch and ``result.logits`` its
+    The starting model is scored too, as epoch 0, and is a candidate like every epoch: when
+    fine-tuning only hurts ID validation (LP-FT at too high a learning rate), the run keeps
+    its start (for LP-FT, the linear probe) and says so with ``best_epoch == 0``. With
+    ``config.eval_all_splits_each_epoch`` every split in ``evals`` is scored after each epoch
+    (so later selection rules can use the history); ``evals`` must contain ``id_val``. On
+    return the model holds the weights of the selected epoch and ``result.logits`` its
     logits on every split.
+
+    A training loss that is not finite, or exceeds :data:`DIVERGENCE_FACTOR` times the larger
+    of ``log K`` and the first batch's loss, stops the run with a :class:`~lpft.errors.RunError`
+    naming the epoch, the step and the learning rate there (checked every step on CPU, every
+    :data:`CHECK_EVERY_CUDA` steps on a GPU, so the device is not synchronised each step).
 
     Under torchrun (DDP) every rank draws the same permutation and takes every
     ``world_size``-th example of each global batch (DistributedSampler's split); the loss is
     scaled so the all-reduced gradient equals the single-process gradient of the global batch.
+
+    Methods built on this loop change it through two hooks: ``penalty(model)``, a regulariser
+    added to every batch's mean loss (L2-SP), and ``make_optimizer``, which chooses the
+    parameters and their learning rates (layer-wise decay, surgical fine-tuning, adapters)
+    and may return another optimiser (projection methods).
     """
     if SELECTION_SPLIT not in evals:
         raise ValueError(f"fine-tuning selects the epoch on {SELECTION_SPLIT!r}; it is missing from evals")
@@ -153,7 +179,7 @@ def finetune(
         model.to(memory_format=torch.channels_last)
     if fast.data_on_device:
         _hold_on_device([train, *evals.values()], device)
-    optimizer = _optimizer(model, config, fast)
+    optimizer = make_optimizer(model, config, fast)
     # static_graph: some backbones hold parameters their features never use (BERT's pooler);
     # DDP learns the set once instead of searching the graph every step (find_unused_parameters)
     net: nn.Module = DistributedDataParallel(model, static_graph=True) if ctx.enabled else model
@@ -166,6 +192,37 @@ def finetune(
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     result = FinetuneResult()
     best_acc, best_state = -1.0, None
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first diverged step, kept on the device
+    bad_loss = torch.zeros((), device=device)
+    loss_limit: torch.Tensor | None = None
+    check_every = CHECK_EVERY_CUDA if device.type == "cuda" else 1
+
+    def lr_at(at: int) -> float:
+        return config.lr * 0.5 * (1 + math.cos(math.pi * at / total_steps))
+
+    def check_divergence() -> None:
+        if distributed.all_reduce_sum((first_bad >= 0).float(), ctx).item() == 0:
+            return
+        at = int(first_bad) if int(first_bad) >= 0 else step - 1
+        raise RunError(
+            f"training diverged at epoch {at // steps_per_epoch + 1}, step {at + 1} of {total_steps}: batch loss "
+            f"{float(bad_loss):.4g} (learning rate there {lr_at(at):.3g}, peak lr {config.lr:.3g}); lower --lr"
+        )
+
+    def keep_if_best(epoch: int, logits: dict[str, np.ndarray], accuracy: dict[str, float]) -> None:
+        nonlocal best_acc, best_state
+        if accuracy[SELECTION_SPLIT] > best_acc:  # strict: ties keep the earlier epoch (the start first)
+            best_acc, result.best_epoch, result.logits = accuracy[SELECTION_SPLIT], epoch, logits
+            best_state = copy.deepcopy(model.state_dict())
+
+    def score(epoch: int, train_loss: float | None) -> None:
+        tracked = evals if config.eval_all_splits_each_epoch else {SELECTION_SPLIT: evals[SELECTION_SPLIT]}
+        logits = {k: predict_logits(model, d, device, config.eval_batch_size, fast) for k, d in tracked.items()}
+        accuracy = {k: float((v.argmax(1) == evals[k].split.labels).mean()) for k, v in logits.items()}
+        result.history.append({"epoch": epoch, "train_loss": train_loss, "accuracy": accuracy})
+        log.info("epoch %d/%d  loss %s  %s", epoch, config.epochs, "-" if train_loss is None else f"{train_loss:.4f}",
+                 "  ".join(f"{k} {a:.4f}" for k, a in accuracy.items()))
+        keep_if_best(epoch, logits, accuracy)
 
     def forward_backward(fwd: Callable[..., torch.Tensor], local: torch.Tensor, weight: float) -> torch.Tensor:
         """Loss of the batch ``local`` and its gradients, scaled by ``weight`` (the DDP share); no optimiser step."""
@@ -173,9 +230,13 @@ def finetune(
             logits = fwd(to_device(train.batch(local), device, fast.channels_last))
         loss = loss_fn(logits.float(), to_device(labels[local], device))
         optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
+        objective = loss * weight
+        if penalty is not None:  # on the mean loss's scale; under DDP each rank adds its share
+            objective = objective + penalty(model) * len(local) * weight
+        objective.backward()
         return loss
 
+    score(0, None)  # the starting model (LP-FT: the linear probe) is a candidate too
     step = 0
     bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=not (progress and ctx.is_main), leave=False)
     for epoch in range(1, config.epochs + 1):
@@ -195,22 +256,23 @@ def finetune(
                     lambda fwd: forward_backward(fwd, local, weight), forward, net, model)
             else:
                 loss = forward_backward(forward, local, weight)
+            batch_loss = loss.detach() / len(local)
+            if loss_limit is None:
+                loss_limit = DIVERGENCE_FACTOR * torch.clamp(batch_loss, min=math.log(model.head.out_features))
+            bad = ~torch.isfinite(batch_loss) | (batch_loss > loss_limit)
+            bad_loss = torch.where(bad & (first_bad < 0), batch_loss, bad_loss)
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
             optimizer.step()
             schedule.step()
             step += 1
             total_loss += loss.detach() * (weight > 0)
             bar.update(1)
+            if step % check_every == 0:
+                check_divergence()
+        check_divergence()
         train_loss = float(distributed.all_reduce_sum(total_loss, ctx)) / len(train)
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}")
-        tracked = evals if config.eval_all_splits_each_epoch else {SELECTION_SPLIT: evals[SELECTION_SPLIT]}
-        logits = {k: predict_logits(model, d, device, config.eval_batch_size, fast) for k, d in tracked.items()}
-        accuracy = {k: float((v.argmax(1) == evals[k].split.labels).mean()) for k, v in logits.items()}
-        result.history.append({"epoch": epoch, "train_loss": train_loss, "accuracy": accuracy})
-        log.info("epoch %d/%d  loss %.4f  %s", epoch, config.epochs, train_loss,
-                 "  ".join(f"{k} {a:.4f}" for k, a in accuracy.items()))
-        if accuracy[SELECTION_SPLIT] > best_acc:  # strict: ties keep the earlier epoch
-            best_acc, result.best_epoch, result.logits = accuracy[SELECTION_SPLIT], epoch, logits
-            best_state = copy.deepcopy(model.state_dict())
+        score(epoch, train_loss)
     bar.close()
     model.load_state_dict(best_state)
     if fast.channels_last:
