@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from lpft.data import Task
 
@@ -49,3 +51,26 @@ def small_digits_task(per_split: int = 60, size: int = 32) -> Task:
 @pytest.fixture
 def digits_task() -> Task:
     return small_digits_task()
+
+
+def write_png_task(root: Path) -> Path:
+    """A tiny 3-class image task of PNG files and CSVs (sklearn's optdigits); OOD = inverted digits."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits(n_class=3)
+    images = np.kron((digits.images / 16 * 255).astype(np.uint8), np.ones((2, 2), dtype=np.uint8))  # 16 px
+    order = np.random.default_rng(0).permutation(len(images))
+    parts = {"train": order[:48], "val": order[48:72], "test": order[72:96]}
+    (root / "img").mkdir(parents=True)
+    for name, rows in [*parts.items(), ("inverted", order[72:96])]:
+        lines = ["path,label"]
+        for i in rows:
+            pixels = 255 - images[i] if name == "inverted" else images[i]
+            Image.fromarray(np.stack([pixels] * 3, -1)).save(root / "img" / f"{name}-{i}.png")
+            lines.append(f"img/{name}-{i}.png,{digits.target[i]}")
+        (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    task = {"name": "tiny-png-digits", "modality": "image",
+            "splits": {"train": "train.csv", "id_val": "val.csv", "id_test": "test.csv",
+                       "ood": {"inverted": "inverted.csv"}}}
+    (root / "task.yaml").write_text(yaml.safe_dump(task))
+    return root / "task.yaml"

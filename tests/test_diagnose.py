@@ -17,7 +17,7 @@ from lpft.diagnostics import block_name, diagnose_run, weight_change
 from lpft.errors import RunError
 from lpft.evaluation.metrics import expected_calibration_error, reliability_bins, softmax
 from lpft.runs import run
-from lpft.runs.artifacts import LOGITS_FILE, RUN_FILE, WEIGHTS_FILE, load_run, load_run_models
+from lpft.runs.artifacts import HEAD_FILE, LOGITS_FILE, RUN_FILE, WEIGHTS_FILE, load_run, load_run_models
 
 from conftest import TEXT_TOPICS
 
@@ -101,7 +101,7 @@ def digit_runs(tmp_path_factory):
 def test_saved_run_holds_weights_logits_and_first_step(digit_runs):
     task, dirs = digit_runs
     run = load_run(dirs["lpft"])
-    assert {p.name for p in dirs["lpft"].iterdir()} == {RUN_FILE, WEIGHTS_FILE, LOGITS_FILE}
+    assert {p.name for p in dirs["lpft"].iterdir()} == {RUN_FILE, WEIGHTS_FILE, HEAD_FILE, LOGITS_FILE}
     assert run.task["spec"] is None and run.backbone["options"] == {"image_size": 32}
     assert set(run.logits) == {"id_val", "id_test", "ood/optdigits"}
     pretrained, tuned = load_run_models(run, task.num_classes)

@@ -10,19 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from lpft.results.report import load_results
-from lpft.results.tables import build_tables, to_markdown
-from lpft.results.selection import IDValidation, LastEpoch, OODOracle
-from lpft.results.store import Store
 from lpft.errors import SpecError
+from lpft.results.report import load_results
+from lpft.results.selection import IDValidation, LastEpoch, OODOracle
 from lpft.results.spec import parse_spec
+from lpft.results.store import Store
 from lpft.results.sweep import Trial, config_hash, expand, run_trial
+from lpft.results.tables import build_tables, to_markdown
 from lpft.training import auto_batch_size
+
+from conftest import write_png_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,29 +122,6 @@ def test_store_lifecycle_and_failed_trials(tmp_path):
 
 
 # ---------------------------------------------------------------------- kill -9 and resume
-def _write_image_task(root: Path) -> Path:
-    """A tiny 3-class image task of PNG files and CSVs (sklearn's optdigits); OOD = inverted digits."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits(n_class=3)
-    images = np.kron((digits.images / 16 * 255).astype(np.uint8), np.ones((2, 2), dtype=np.uint8))  # 16 px
-    order = np.random.default_rng(0).permutation(len(images))
-    parts = {"train": order[:48], "val": order[48:72], "test": order[72:96]}
-    (root / "img").mkdir(parents=True)
-    for name, rows in [*parts.items(), ("inverted", order[72:96])]:
-        lines = ["path,label"]
-        for i in rows:
-            pixels = 255 - images[i] if name == "inverted" else images[i]
-            Image.fromarray(np.stack([pixels] * 3, -1)).save(root / "img" / f"{name}-{i}.png")
-            lines.append(f"img/{name}-{i}.png,{digits.target[i]}")
-        (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
-    task = {"name": "tiny-png-digits", "modality": "image",
-            "splits": {"train": "train.csv", "id_val": "val.csv", "id_test": "test.csv",
-                       "ood": {"inverted": "inverted.csv"}}}
-    (root / "task.yaml").write_text(yaml.safe_dump(task))
-    return root / "task.yaml"
-
-
 def _sweep(spec: Path, db: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lpft.cli", "sweep", str(spec), "--db", str(db), "--device", "cpu",
                              "--no-report"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -162,7 +139,7 @@ def _finished(db: Path) -> dict[str, tuple[int, float]]:
 
 
 def test_sweep_survives_sigkill_and_resumes_to_the_same_table(tmp_path):
-    task_yaml = _write_image_task(tmp_path / "task")
+    task_yaml = write_png_task(tmp_path / "task")
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "kill-test", "task": str(task_yaml),

@@ -17,6 +17,7 @@ from lpft.errors import EXIT_USAGE, LpftError
 # sub-command name -> module exposing ``add_parser(subparsers)``; each parser sets ``func``.
 COMMANDS: dict[str, str] = {
     "run": "lpft.commands.run",
+    "predict": "lpft.commands.predict",
     "demo": "lpft.commands.demo",
     "data": "lpft.commands.data",
     "theory": "lpft.theory.cli",

@@ -39,7 +39,7 @@ YAML_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
-class _Rows:
+class CsvRows:
     """The input and label columns of one CSV, with the line each row starts on."""
 
     inputs: list[str]
@@ -93,7 +93,7 @@ def load_task_yaml(path: str | Path, check_images: bool = True) -> Task:
     csv_paths = {
         key: _csv_path(path, root, yaml_key, file, allow_outside) for key, file, yaml_key in _split_files(spec, path)
     }
-    rows = {key: _read_csv(p, modality) for key, p in csv_paths.items()}
+    rows = {key: read_csv(p, modality) for key, p in csv_paths.items()}
     if classes is None:
         classes = class_names_from_labels(_labels_as_read(rows["train"].labels))
 
@@ -211,8 +211,11 @@ def _labels_as_read(labels: list[str]) -> list:
         return labels
 
 
-def _read_csv(path: Path, modality: str) -> _Rows:
+def read_csv(path: Path, modality: str, labelled: bool = True) -> CsvRows:
     """The input and label columns of a UTF-8 CSV (a leading byte-order mark is allowed).
+
+    With ``labelled=False`` (inputs to predict) the label column is optional: labels are
+    read where the column exists and are empty strings otherwise.
 
     Refused, naming the line: bytes that are not UTF-8, malformed quoting, a duplicated
     column, a row whose field count differs from the header's, an empty or whitespace-only
@@ -238,12 +241,12 @@ def _read_csv(path: Path, modality: str) -> _Rows:
         duplicated = sorted({c for c in header if header.count(c) > 1})
         if duplicated:
             raise TaskError(f"{path}, line 1: column {duplicated[0]!r} appears more than once in the header {header}")
-        if column not in header or "label" not in header:
+        if column not in header or ("label" not in header and labelled):
             raise TaskError(
                 f"{path}, line 1: needs columns {column!r} and 'label' for a {modality} task; header is {header}"
             )
-        input_at, label_at = header.index(column), header.index("label")
-        rows = _Rows([], [], [])
+        input_at, label_at = header.index(column), header.index("label") if "label" in header else None
+        rows = CsvRows([], [], [])
         end = reader.line_num
         for row in reader:
             line, end = end + 1, reader.line_num  # a quoted field may span lines: report where the row starts
@@ -254,10 +257,10 @@ def _read_csv(path: Path, modality: str) -> _Rows:
                     f"{path}, line {line}: {len(row)} fields but the header has {len(header)}; "
                     "quote a field that contains a comma"
                 )
-            value, label = row[input_at], row[label_at].strip()
+            value, label = row[input_at], "" if label_at is None else row[label_at].strip()
             if not value.strip():
                 raise TaskError(f"{path}, line {line}: {column!r} is {'empty' if not value else 'only whitespace'}")
-            if not label:
+            if not label and labelled:
                 raise TaskError(f"{path}, line {line}: 'label' is empty")
             rows.inputs.append(value)
             rows.labels.append(label)
@@ -308,7 +311,7 @@ def _check_images(
             raise TaskError(f"{source}, line {line}: cannot read image {p}: {exc}") from exc
 
 
-def _check_classes_in_train(built: dict[str, Split], rows: dict[str, _Rows], classes: tuple[str, ...]) -> None:
+def _check_classes_in_train(built: dict[str, Split], rows: dict[str, CsvRows], classes: tuple[str, ...]) -> None:
     """Refuse an evaluation row whose class never occurs in train, naming its line."""
     trained = np.unique(built["train"].labels)
     for key, split in built.items():

@@ -29,7 +29,9 @@ class MethodResult:
     """What a method hands to evaluation: logits on every evaluated split, and what it chose.
 
     ``selected`` holds the choices made on ID validation (e.g. ``C`` or ``epoch``);
-    ``history`` per-epoch (or per-C) records; ``model`` the tuned network when there is one;
+    ``history`` per-epoch (or per-C) records; ``model`` the network that makes the logits
+    (backbone and head), saved with the run so it can be reused; ``tuned_backbone`` says
+    whether its backbone differs from the pretrained one (if not, only the head is saved);
     ``diagnostics`` what the method measured on the way (e.g. the first training step).
     """
 
@@ -37,6 +39,7 @@ class MethodResult:
     selected: dict[str, Any] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     model: Classifier | None = None
+    tuned_backbone: bool = True
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 

@@ -63,7 +63,8 @@ class FineTuning(Method):
         if result.best_epoch == 0:
             log.warning("%s: no epoch beat the starting model on id_val; the run keeps its start", self.label)
         return MethodResult(logits=result.logits, selected={**selected, "epoch": result.best_epoch},
-                            history=result.history, model=model, diagnostics=diagnostics)
+                            history=result.history, model=model,
+                            diagnostics={**diagnostics, "fast_path": result.fast_path})
 
     def first_step(self, model: Classifier, train: SplitData, config: FinetuneConfig, device: torch.device,
                    fitted_head: bool) -> dict:

@@ -16,6 +16,7 @@ from lpft.data.task import Task
 from lpft.features import cached_features
 from lpft.methods.base import Method, MethodResult, register_method
 from lpft.probe import LinearProbe
+from lpft.training import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -58,4 +59,7 @@ class LinearProbing(Method):
     def fit(self, task: Task, backbone: Backbone, device: torch.device) -> MethodResult:
         probe, logits = fit_linear_probe(task, backbone, device, self.config.C)
         log.info("linear probe: C=%.3g, id_val accuracy %.4f", probe.best_C_, probe.val_accuracy_)
-        return MethodResult(logits=logits, selected={"C": float(probe.best_C_)}, history=list(probe.path_))
+        model = Classifier(backbone, task.num_classes)  # the frozen backbone itself, not a copy: only the head is new
+        model.set_head(probe.coef_, probe.intercept_)
+        return MethodResult(logits=logits, selected={"C": float(probe.best_C_)}, history=list(probe.path_), model=model,
+                            tuned_backbone=False)

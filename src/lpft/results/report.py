@@ -25,6 +25,7 @@ def stored_record(stored: StoredTrial) -> RunRecord:
         task=stored.task, backbone=config["backbone"], method=stored.method, hyperparameters=config["hyperparameters"],
         selected=stored.selected, metrics=stored.metrics, history=stored.history, timings=stored.timings,
         environment=stored.environment, backbone_options=config["backbone_options"], diagnostics=stored.diagnostics,
+        spec=config,
     )
 
 

@@ -7,6 +7,8 @@ A run directory holds:
   path, with options) and the pretrained backbone (registry name, options, fingerprint);
 - ``model.safetensors``: the tuned network's state dict (``backbone.*`` and ``head.*``),
   absent for methods that keep the backbone frozen (LP);
+- ``head.safetensors``: the linear head (``weight``, ``bias``), for every method that has
+  one, so :func:`load_model` can rebuild the classifier (``lpft predict``);
 - ``logits.safetensors``: the run's logits on every evaluated split.
 
 The pretrained backbone is never stored: it is re-created from the registry and checked
@@ -25,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
+HEAD_FILE = "head.safetensors"
 LOGITS_FILE = "logits.safetensors"
 
 
@@ -85,8 +89,8 @@ def check_save_target(out_dir: Path | str, overwrite: bool = False) -> Path:
 
 
 def save_run(
-    out_dir: Path | str, record: RunRecord, result: MethodResult, backbone: Backbone, spec: RunSpec | None = None,
-    overwrite: bool = False,
+    out_dir: Path | str, record: RunRecord, result: MethodResult, backbone: Backbone, classes: Sequence[str],
+    spec: RunSpec | None = None, overwrite: bool = False,
 ) -> Path:
     """Write ``run.json``, ``logits.safetensors`` and (when tuned) ``model.safetensors`` as ``out_dir``.
 
@@ -101,7 +105,7 @@ def save_run(
     meta = {
         "format": FORMAT_VERSION,
         "record": record.to_json(),
-        "task": {"spec": task_spec, "options": dict(spec.task_options) if spec else {}},
+        "task": {"spec": task_spec, "options": dict(spec.task_options) if spec else {}, "classes": list(classes)},
         "backbone": {"name": record.backbone, "options": record.backbone_options, "fingerprint": backbone.fingerprint},
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
@@ -110,6 +114,9 @@ def save_run(
         save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in result.logits.items()},
                    str(staging / LOGITS_FILE))
         if result.model is not None:
+            head = {k: v.detach().cpu().contiguous() for k, v in result.model.head.state_dict().items()}
+            save_torch(head, str(staging / HEAD_FILE))
+        if result.model is not None and result.tuned_backbone:
             state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
             save_torch(state, str(staging / WEIGHTS_FILE))
         if out.exists():
@@ -173,3 +180,22 @@ def load_run_models(run: RunArtifacts, num_classes: int) -> tuple[Backbone, Clas
     tuned.load_state_dict(load_torch(str(run.path / WEIGHTS_FILE)), strict=True)
     tuned.eval()
     return pretrained, tuned
+
+
+def load_model(path: Path | str) -> tuple[Classifier, tuple[str, ...]]:
+    """The classifier a saved run ended with (backbone and head, in eval mode) and its class names.
+
+    The pretrained backbone is rebuilt from the registry and checked against the recorded
+    fingerprint; tuned weights replace it where the method tuned it. Use it as
+    ``model(backbone.preprocess(inputs))`` or through ``lpft predict``.
+    """
+    run = load_run(path)
+    classes = run.task.get("classes")
+    if not classes or not (run.path / HEAD_FILE).is_file():
+        raise RunError(f"{run.path} holds no reusable model (saved by an older lpft, or its method has no head); "
+                       "run it again with `lpft run ... --save DIR`")
+    pretrained, tuned = load_run_models(run, len(classes))
+    if tuned is None:
+        tuned = Classifier(pretrained, len(classes))
+        tuned.head.load_state_dict(load_torch(str(run.path / HEAD_FILE)), strict=True)
+    return tuned.eval(), tuple(classes)

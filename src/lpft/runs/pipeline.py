@@ -109,6 +109,7 @@ def check_modality(task: Task, backbone: Backbone) -> None:
 def run_method(task: Task, backbone: Backbone, method: Method, device: torch.device) -> tuple[RunRecord, MethodResult]:
     """Fit ``method`` on ``task`` and evaluate it on every split; the record and the method's own result."""
     torch.manual_seed(method.config.seed)
+    env = environment(device)
     start = time.perf_counter()
     result = method.fit(task, backbone, device)
     fit_seconds = time.perf_counter() - start
@@ -116,7 +117,7 @@ def run_method(task: Task, backbone: Backbone, method: Method, device: torch.dev
     record = RunRecord(
         task=task.name, backbone=backbone.name, method=method.name, hyperparameters=method.config.to_dict(),
         selected=result.selected, metrics=metrics, history=result.history,
-        timings={"fit_seconds": round(fit_seconds, 3)}, environment=environment(device),
+        timings={"fit_seconds": round(fit_seconds, 3)}, environment=env,
         diagnostics=result.diagnostics,
     )
     log.info("%s on %s: %s", method.name, task.name, "  ".join(f"{k} {v['accuracy']:.4f}" for k, v in metrics.items()))
@@ -145,9 +146,10 @@ def execute(
     loaded = time.perf_counter()
     record, result = run_method(task, backbone, create_method(spec.method, config.resolve(len(task.train))), dev)
     record.backbone_options = {k: v for k, v in spec.backbone_options.items() if v is not None}
+    record.spec = {**spec.to_json(), "hyperparameters": record.hyperparameters, "backbone_options": record.backbone_options}
     record.timings.update(load_seconds=round(loaded - start, 3), run_seconds=round(time.perf_counter() - start, 3))
     if save is not None:
-        save_run(save, record, result, backbone, None if in_memory else spec, overwrite)
+        save_run(save, record, result, backbone, task.classes, None if in_memory else spec, overwrite)
     return record
 
 

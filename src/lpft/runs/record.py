@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -21,9 +24,10 @@ def backbone_label(name: str, options: Mapping[str, Any]) -> str:
 
 
 def environment(device: torch.device | str) -> dict[str, str]:
-    """Package versions and device, recorded with every run."""
+    """Package versions, device, command line and start time, recorded with every run."""
     return {"lpft": lpft.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "device": str(device)}
+            "python": platform.python_version(), "device": str(device), "command": shlex.join(sys.argv),
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 @dataclass
@@ -47,6 +51,7 @@ class RunRecord:
     environment: dict[str, str] = field(default_factory=dict)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)  # the run spec that repeats this run (lpft.runs.RunSpec)
 
     @property
     def seed(self) -> int:

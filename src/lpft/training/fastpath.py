@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +20,12 @@ class FastPath:
     compile: bool
     fused_optimizer: bool
     data_on_device: bool
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved levers as plain data (recorded with the run)."""
+        return {"autocast": str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else "fp32",
+                "channels_last": self.channels_last, "compile": self.compile,
+                "fused_optimizer": self.fused_optimizer, "data_on_device": self.data_on_device}
 
     def autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)

@@ -16,6 +16,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,11 +43,12 @@ CHECK_EVERY_CUDA = 50  # steps between divergence checks on a GPU (each check sy
 
 @dataclass
 class FinetuneResult:
-    """Per-epoch history and the selected epoch; the model holds the selected weights."""
+    """Per-epoch history and the selected epoch (the model holds its weights), and the speed levers used."""
 
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     logits: dict[str, np.ndarray] = field(default_factory=dict)
+    fast_path: dict[str, Any] = field(default_factory=dict)
 
 
 StepCallback = Callable[[int, Classifier], None]
@@ -173,6 +175,7 @@ def finetune(
         raise ValueError(f"fine-tuning selects the epoch on {SELECTION_SPLIT!r}; it is missing from evals")
     ctx = distributed.context(device)
     fast = resolve_fast_path(config, model.backbone, device)
+    result = FinetuneResult(fast_path=fast.describe())
     log.info("fast path: %s", fast)
     model.to(device)
     if fast.channels_last:
@@ -190,7 +193,6 @@ def finetune(
     generator = torch.Generator().manual_seed(config.seed)
     labels = train.labels.to(train.device)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    result = FinetuneResult()
     best_acc, best_state = -1.0, None
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first diverged step, kept on the device
     bad_loss = torch.zeros((), device=device)

@@ -1,0 +1,55 @@
+"""``lpft predict RUN INPUTS.csv``: score new data with a run saved by ``lpft run --save RUN``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict classes for new inputs with a saved run")
+    p.add_argument("run", type=Path, help="a run folder written by `lpft run ... --save DIR`")
+    p.add_argument("inputs", type=Path,
+                   help="a CSV with the task's input column (text, or path for images, relative to the CSV); "
+                        "a label column, if present, is scored")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write predictions here (default: <inputs>.predictions.csv beside the inputs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lpft.commands.common import check_writable, console
+    from lpft.data.files import INPUT_COLUMN, read_csv
+    from lpft.data.task import Split
+    from lpft.evaluation.metrics import softmax
+    from lpft.features import SplitData
+    from lpft.runs import resolve_device
+    from lpft.runs.artifacts import load_model, load_run
+    from lpft.training import predict_logits
+
+    out = check_writable(args.out or args.inputs.with_suffix(".predictions.csv"), "--out")
+    model, classes = load_model(args.run)
+    temperature = load_run(args.run).record.metrics.get("id_val", {}).get("temperature", 1.0)
+    modality = model.backbone.modality
+    rows = read_csv(args.inputs, modality, labelled=False)
+    inputs = rows.inputs if modality == "text" else [args.inputs.parent / p for p in rows.inputs]
+    split = Split("predict", inputs, np.zeros(len(inputs), dtype=np.int64), str(args.inputs))
+    logits = predict_logits(model, SplitData(model.backbone, split), resolve_device(args.device))
+    probs = softmax(logits / temperature)
+    predicted = probs.argmax(1)
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([INPUT_COLUMN[modality], "predicted", "confidence", *(f"p({c})" for c in classes)])
+        for value, k, p in zip(rows.inputs, predicted, probs):
+            writer.writerow([value, classes[k], f"{p[k]:.4f}", *(f"{x:.4f}" for x in p)])
+    console.print(f"wrote {len(predicted)} predictions to {out} (probabilities temperature-scaled, T={temperature:.3g})")
+    if all(rows.labels):
+        known = [label in classes for label in rows.labels]
+        hits = [classes[k] == label for k, label in zip(predicted, rows.labels)]
+        console.print(f"accuracy on the given labels: {100 * np.mean(hits):.1f}% ({sum(known)} of {len(known)} "
+                      "labels are classes of the run)")
+    return 0
