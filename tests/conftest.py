@@ -13,7 +13,7 @@ from PIL import Image
 from lpft.data import Task
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_TOPICS = ROOT / "examples" / "text-topics" / "task.yaml"
+TEXT_TOPICS = ROOT / "src" / "lpft" / "examples" / "text-topics" / "task.yaml"
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "run": "lpft.commands.run",
     "predict": "lpft.commands.predict",
     "demo": "lpft.commands.demo",
+    "example": "lpft.commands.example",
     "data": "lpft.commands.data",
     "theory": "lpft.theory.cli",
     "diagnose": "lpft.commands.diagnose",
