@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "data": "lpft.commands.data",
     "theory": "lpft.theory.cli",
     "diagnose": "lpft.commands.diagnose",
+    "advise": "lpft.commands.advise",
     "sweep": "lpft.commands.sweep",
     "report": "lpft.commands.report",
     "reproduce": "lpft.commands.reproduce",
