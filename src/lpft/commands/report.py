@@ -1,15 +1,17 @@
-"""``lpft report DB``: paper-style tables (Markdown, CSV, HTML) and plots from a results database."""
+"""``lpft report DB``: paper-style tables (Markdown, CSV, HTML), a per-trial CSV and plots from a results database."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from lpft.commands.common import console
-from lpft.results.report import Report, load_results, write_report
+from lpft.results.report import Report, load_results, sweep_names, write_report
 from lpft.results.tables import INTERVAL_NOTE, ResultTable
 from lpft.results.selection import SelectionRule, create_rule
 
@@ -38,25 +40,35 @@ def parse_rules(text: str) -> list[SelectionRule]:
 
 
 def rich_table(table: ResultTable) -> Table:
-    """A result table for the terminal; oracle tables are titled and styled as such."""
-    out = Table(title=table.title, title_style="bold red" if table.oracle else "bold", caption=INTERVAL_NOTE)
+    """A result table for the terminal; oracle tables are titled and styled as such, and the caption
+    carries the table's warnings (too few seeds, clipped intervals). Names are plain text, never markup."""
+    caption = Text()
+    caption.append(INTERVAL_NOTE, style="dim")
+    for warning in table.warnings:
+        caption.append("\n" + warning, style="bold yellow")
+    out = Table(title=Text(table.title), title_style="bold red" if table.oracle else "bold", caption=caption,
+                caption_style="", caption_justify="left")  # no dim caption style: the warnings stand out
     out.add_column("method")
     for header in table.headers:
-        out.add_column(header, justify="right")
+        out.add_column(Text(header), justify="right")
     out.add_column("selected")
+    out.add_column("seeds", justify="right")
     for row in table.rows:
-        out.add_row(row.label, *table.texts(row), row.chosen)
+        out.add_row(*(Text(x) for x in (row.label, *table.texts(row), row.chosen, row.seeds_text)))
     return out
 
 
 def print_report(report: Report, tables: Sequence[ResultTable] | None = None) -> None:
     for table in tables if tables is not None else report.tables:
         console.print(rich_table(table))
-    console.print(f"wrote {report.markdown}, {report.csv}, {report.html} and {len(report.images)} plot(s)")
+    console.print(Text(f"wrote {report.markdown}, {report.csv}, {report.trials_csv}, {report.html} "
+                       f"and {len(report.images)} plot(s)"))
 
 
 def main(args: argparse.Namespace) -> int:
     out = args.out or args.db.parent / "report"
-    report = write_report(load_results(args.db, args.sweep), out, parse_rules(args.rules), title=f"lpft report: {args.db.name}")
+    report = write_report(load_results(args.db, args.sweep), out, parse_rules(args.rules),
+                          title=f"lpft report: {args.db.name}", sweeps=sweep_names(args.db, args.sweep),
+                          command=sys.argv, db=args.db)
     print_report(report)
     return 0

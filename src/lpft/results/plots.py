@@ -14,9 +14,13 @@ from lpft.results.selection import Selection, SelectionRule
 from lpft.results.tables import ResultTable, method_order, t_interval
 from lpft.runs.record import RunRecord
 
+
 def slug(text: str) -> str:
     """A file-name-safe version of ``text``."""
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text).strip("-")
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
 def _color(method: str) -> str:
@@ -24,8 +28,17 @@ def _color(method: str) -> str:
     return f"C{method_order(method)[0] % 10}"
 
 
+def _marker(method: str) -> str:
+    """One marker shape per method (as its colour), so overlapping points stay tellable apart."""
+    return MARKERS[method_order(method)[0] % len(MARKERS)]
+
+
 def plot_id_vs_ood(table: ResultTable, selections: Sequence[Selection], path: Path) -> None:
-    """ID test vs mean OOD accuracy: one small point per seed, one large marker per method mean."""
+    """ID test vs mean OOD accuracy: one small point per seed, one large marker per method mean.
+
+    Each method has its own marker shape and colour; points are translucent with solid edges,
+    so points that coincide (e.g. LP's identical seeds) or overlap remain visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,25 +47,25 @@ def plot_id_vs_ood(table: ResultTable, selections: Sequence[Selection], path: Pa
     ood = table.ood
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for sel in sorted(selections, key=lambda s: method_order(s.method)):
-        color = _color(sel.method)
+        color, marker = _color(sel.method), _marker(sel.method)
         x = 100 * np.array(sel.accuracies(ID_TEST))
         y = 100 * np.mean([sel.accuracies(k) for k in ood], axis=0)
-        ax.scatter(x, y, s=18, color=color, alpha=0.5)
-        ax.scatter([x.mean()], [y.mean()], s=120, color=color, marker="*", edgecolor="black",
-                   label=f"{method_label(sel.method)} (mean of {len(x)})")
+        ax.scatter(x, y, s=28, marker=marker, facecolor=color, edgecolor=color, linewidth=1, alpha=0.45)
+        ax.scatter([x.mean()], [y.mean()], s=150, marker=marker, facecolor=color, edgecolor="black", linewidth=1.2,
+                   alpha=0.8, zorder=3, label=f"{method_label(sel.method)} (mean of {len(x)} seeds)")
     ax.set_xlabel("ID test accuracy (%)")
     ax.set_ylabel("OOD accuracy (%)" + (f", mean of {len(ood)} splits" if len(ood) > 1 else f", {ood[0]}"))
     ax.set_title(f"{table.task}: ID vs OOD ({table.rule_label} selection)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="small: one seed", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_accuracy_vs_lr(trials: Sequence[RunRecord], rule: SelectionRule, path: Path) -> bool:
-    """ID test and mean OOD accuracy vs learning rate per method (epoch chosen by ``rule``); methods
-    without a learning rate (LP) as horizontal lines.
+    """ID test and mean OOD accuracy vs learning rate per method (epoch chosen by ``rule``), with
+    90% t-intervals clipped to 0–100%; methods without a learning rate (LP) as horizontal lines.
 
     When other hyperparameters were swept too, each lr shows its best setting by the rule.
     Returns False (and writes nothing) when no method swept a learning rate.
@@ -81,10 +94,12 @@ def plot_accuracy_vs_lr(trials: Sequence[RunRecord], rule: SelectionRule, path: 
             series[ID_TEST].append(t_interval(id_acc))
             series["ood"].append(t_interval(ood_acc))
         name = method_label(method)
-        for key, fmt, what in ((ID_TEST, "o-", "ID"), ("ood", "s--", "OOD")):
+        for key, ls, face, what in ((ID_TEST, "-", color, "ID"), ("ood", "--", "white", "OOD")):  # OOD: open markers
             mean, half = np.array(series[key]).T
-            ax.errorbar(lrs, mean, yerr=np.nan_to_num(half), fmt=fmt, color=color, capsize=3,
-                        label=f"{name} {what}")
+            half = np.nan_to_num(half)  # the bars are clipped to 0–100%, as the tables' intervals
+            yerr = [mean - np.maximum(mean - half, 0.0), np.minimum(mean + half, 100.0) - mean]
+            ax.errorbar(lrs, mean, yerr=yerr, marker=_marker(method), ls=ls, color=color, capsize=3, alpha=0.85,
+                        markerfacecolor=face, markeredgecolor=color, label=f"{name} {what}")
     flat = sorted({t.method for t in trials if "lr" not in t.hyperparameters}, key=method_order)
     for method in flat:
         first = next(t for t in trials if t.method == method)

@@ -1,21 +1,36 @@
-"""The whole report of a results database: tables (Markdown, CSV, HTML) and plots, in one folder."""
+"""The whole report of a results database: tables (Markdown, CSV, HTML), a per-trial CSV and plots, in one folder."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 import logging
-from collections import defaultdict
-from collections.abc import Sequence
+import shlex
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import yaml
+
+from lpft.data.splits import ID_TEST, ID_VAL, is_ood
 from lpft.errors import StoreError
 from lpft.results.plots import plot_accuracy_vs_lr, plot_id_vs_ood, slug
 from lpft.results.selection import IDValidation, SelectionRule
+from lpft.results.spec import SweepSpec
 from lpft.results.store import Store, StoredTrial
-from lpft.results.tables import ResultTable, build_tables, to_html, to_markdown, write_csv
+from lpft.results.tables import (
+    CALIBRATION, ResultTable, build_tables, md_escape, method_order, to_html, to_markdown, write_csv,
+)
 from lpft.runs.record import RunRecord
 
 log = logging.getLogger(__name__)
+
+VERSIONS = ("lpft", "torch", "python", "device")  # keys of RunRecord.environment the HTML page shows
 
 
 def stored_record(stored: StoredTrial) -> RunRecord:
@@ -37,6 +52,12 @@ def load_results(db: Path | str, sweep: str | None = None) -> list[RunRecord]:
         return [stored_record(t) for t in store.trials("finished", sweep)]
 
 
+def sweep_names(db: Path | str, sweep: str | None = None) -> list[str]:
+    """The sweeps with finished trials in ``db`` (only ``sweep`` when given), in order of their first trial."""
+    with Store(db, readonly=True) as store:
+        return list(dict.fromkeys(t.sweep for t in store.trials("finished", sweep)))
+
+
 @dataclass
 class Report:
     """Paths of everything :func:`write_report` wrote, and the tables themselves."""
@@ -46,13 +67,20 @@ class Report:
     csv: Path
     html: Path
     images: list[Path]
+    trials_csv: Path
 
 
 def write_report(
     trials: Sequence[RunRecord], out_dir: Path | str, rules: Sequence[SelectionRule] = (IDValidation(),),
-    image_prefix: str = "", title: str = "lpft results",
+    image_prefix: str = "", title: str = "lpft results", *, sweeps: Sequence[SweepSpec | str] = (),
+    command: Sequence[str] | str | None = None, db: Path | str | None = None,
 ) -> Report:
-    """Tables (Markdown, CSV, HTML) and plots for ``trials``; the first rule drives the plots."""
+    """Tables (Markdown, CSV, HTML), ``trials.csv`` and plots for ``trials``; the first rule drives the plots.
+
+    The HTML page also says where the numbers come from: ``sweeps`` (the specs that made the
+    trials, shown in full, or only their names when the spec is not at hand), the ``command``
+    that made the report (``sys.argv``), the database ``db``, and the versions the trials recorded.
+    """
     if not trials:
         raise ValueError("no finished trials to report")
     out = Path(out_dir)
@@ -74,8 +102,101 @@ def write_report(
             if plot_accuracy_vs_lr(group, rules[0], path):
                 images.append(path)
     md, csv_path, html_path = out / "results.md", out / "results.csv", out / "results.html"
-    md.write_text(f"# {title}\n\n" + to_markdown(tables))
+    trials_path = out / "trials.csv"
+    md.write_text(f"# {md_escape(title)}\n\n" + to_markdown(tables))
     write_csv(tables, csv_path)
-    html_path.write_text(to_html(tables, images, title))
-    log.info("report: %d tables, %d plots in %s", len(tables), len(images), out)
-    return Report(tables, md, csv_path, html_path, images)
+    write_trials_csv(trials, trials_path)
+    specs = [(s.name, spec_yaml(s)) for s in sweeps if isinstance(s, SweepSpec)]
+    html_path.write_text(to_html(tables, images, title, report_info(trials, sweeps, command, db), specs))
+    log.info("report: %d tables, %d plots, %d trials in %s", len(tables), len(images), len(trials), out)
+    return Report(tables, md, csv_path, html_path, images, trials_path)
+
+
+def report_info(
+    trials: Sequence[RunRecord], sweeps: Sequence[SweepSpec | str] = (), command: Sequence[str] | str | None = None,
+    db: Path | str | None = None,
+) -> list[tuple[str, str]]:
+    """(label, value) pairs that say where a report's numbers come from, for its HTML page."""
+    started = sorted(_utc(t.environment["started_at"]) for t in trials if t.environment.get("started_at"))
+    span = f", started {started[0]}" if started else ""
+    if started and started[-1] != started[0]:
+        span += f" to {started[-1]}"
+    info = [("generated", _utc(datetime.now(timezone.utc).isoformat())), ("trials", f"{len(trials)} finished{span}")]
+    names = [s if isinstance(s, str) else s.name for s in sweeps]
+    if names:
+        info.append(("sweep" if len(names) == 1 else "sweeps", ", ".join(names)))
+    if db is not None:
+        info.append(("database", str(db)))
+    if command is not None:
+        info.append(("command", command if isinstance(command, str) else shlex.join(command)))
+    info += [(key, _tally(t.environment.get(key) for t in trials)) for key in VERSIONS]
+    return info
+
+
+def _utc(iso: str) -> str:
+    """``2026-12-03 09:01 UTC`` from an ISO time with its offset (what records store)."""
+    return datetime.fromisoformat(iso).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _tally(values: Iterable[str | None]) -> str:
+    """``2.4.0``, or ``2.4.0 (40 trials), 2.3.0 (2 trials)`` when trials disagree."""
+    counts = Counter("not recorded" if v is None else str(v) for v in values)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{v} ({n} trials)" for v, n in counts.most_common())
+
+
+def spec_yaml(spec: SweepSpec) -> str:
+    """A validated sweep spec as YAML: every method's resolved grid, defaults included."""
+    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(spec))), sort_keys=False)
+
+
+def write_trials_csv(trials: Sequence[RunRecord], path: Path) -> None:
+    """One row per finished trial, for analyses the tables do not make.
+
+    Columns: task, backbone (its label), method, seed, every hyperparameter as ``hp.<name>``
+    (the union over methods; empty where a method lacks it), what the trial selected on ID
+    validation as ``selected.<name>`` (epoch, 0 being the starting model; LP's C), then
+    ``<split>.<metric>`` at that selection (accuracy and calibration, before and after
+    temperature scaling), ``ood_mean.accuracy`` and ``fit_seconds``. Rows sorted by task,
+    backbone, method, setting, seed.
+    """
+    hps = sorted({k for t in trials for k in t.hyperparameters if k != "seed"})
+    selected = sorted({k for t in trials for k in t.selected})
+    splits = sorted({k for t in trials for k in t.metrics}, key=_split_order)
+    metrics = {s: sorted({m for t in trials for m in t.metrics.get(s, {})}, key=_metric_order) for s in splits}
+    ood_mean = any(is_ood(s) for s in splits)
+    header = ["task", "backbone", "method", "seed", *(f"hp.{k}" for k in hps), *(f"selected.{k}" for k in selected),
+              *(f"{s}.{m}" for s in splits for m in metrics[s]), *(["ood_mean.accuracy"] if ood_mean else []),
+              "fit_seconds"]
+    rows = sorted(trials, key=lambda t: (t.task, t.backbone_label, method_order(t.method), t.setting, t.seed))
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for t in rows:
+            ood = [t.metrics[s]["accuracy"] for s in t.metrics if is_ood(s) and "accuracy" in t.metrics[s]]
+            w.writerow([
+                t.task, t.backbone_label, t.method, t.seed, *(_cell(t.hyperparameters.get(k)) for k in hps),
+                *(_cell(t.selected.get(k)) for k in selected),
+                *(_cell(t.metrics.get(s, {}).get(m)) for s in splits for m in metrics[s]),
+                *([_cell(float(np.mean(ood)) if ood else None)] if ood_mean else []),
+                _cell(t.timings.get("fit_seconds")),
+            ])
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    """ID validation, ID test, then the OOD splits by name."""
+    return ({ID_VAL: 0, ID_TEST: 1}.get(split, 2), split)
+
+
+def _metric_order(metric: str) -> tuple[int, str]:
+    """Accuracy, then calibration (each before and after temperature scaling), then the rest by name."""
+    known = ["accuracy", *(m for name in CALIBRATION for m in (name, f"{name}_ts"))]
+    return (known.index(metric), metric) if metric in known else (len(known), metric)
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: text as it is, numbers and structures as JSON, empty for a missing value."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)

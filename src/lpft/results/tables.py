@@ -3,9 +3,11 @@
 Rows are methods (LP, FT, LP-FT, ...), columns ID test accuracy, each OOD split, their mean,
 and ID validation (what was selected on), then calibration (ECE before -> after temperature
 scaling, ID and OOD). Cells are the mean over seeds ± the half-width of a 90% Student-t
-confidence interval (the paper reports 90% intervals over 3 seeds). Tables from an oracle
-rule say "oracle" in their title, in every row label and in every CSV row. Rendered here as
-Markdown, CSV and HTML.
+confidence interval (the paper reports 90% intervals over 3 seeds); an interval that runs past
+0–100% is shown clipped and marked, and a method with fewer than 3 seeds carries a warning in
+every format, because its interval is too wide to mean much (t = 6.31 for 2 seeds). Tables from
+an oracle rule say "oracle" in their title, in every row label and in every CSV row. Rendered
+here as Markdown (every name escaped), CSV and HTML (a page that reads from 360 px wide up).
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ from lpft.results.selection import Selection, SelectionRule
 from lpft.runs.record import RunRecord
 
 LEVEL = 0.90
+MIN_SEEDS = 3  # fewer seeds than this: a visible warning that the interval means little
 OOD_MEAN = "ood_mean"  # the column of the mean over OOD splits
+CLIPPED_MARK = "†"
+FEW_SEEDS_MARK = "⚠"
 INTERVAL_NOTE = (
     "Cells: mean over seeds ± half-width of the 90% Student-t confidence interval "
     "(t quantile with n-1 degrees of freedom; '±' is omitted when n = 1)."
 )
+# The values a metric can take: intervals are clipped to these for display (the CSV keeps the raw half-width).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0), "ece": (0.0, 1.0), "brier": (0.0, 2.0), "nll": (0.0, math.inf),
+}
 ECE_HEADERS = ("ECE ID", "ECE OOD")  # table columns after the accuracy columns: see Row.ece_texts
 CALIBRATION = ("ece", "nll", "brier")  # each also after temperature scaling fitted on ID val ("_ts")
 CALIBRATION_NOTE = (
@@ -43,7 +52,6 @@ CALIBRATION_NOTE = (
     "fitted on ID validation (OOD: mean over OOD splits); the CSV adds NLL and Brier with intervals. "
     "'–' where a seed's chosen epoch is not the one its trial kept (only that epoch's calibration is stored)."
 )
-
 
 
 # ---------------------------------------------------------------------- statistics
@@ -58,15 +66,41 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
 
 
 # ---------------------------------------------------------------------- tables
+def few_seeds_warning(n: int) -> str:
+    """Why an interval over ``n`` seeds means little; empty from :data:`MIN_SEEDS` seeds on."""
+    if n >= MIN_SEEDS:
+        return ""
+    if n < 2:
+        return f"{n} seed: no interval at all, differences between methods may be seed noise"
+    t = stats.t.ppf(0.5 + LEVEL / 2, n - 1)
+    return f"only {n} seeds: the {LEVEL:.0%} interval (t = {t:.2f}) is too wide to mean much"
+
+
 @dataclass
 class Cell:
+    """Mean and raw t-interval half-width of one metric over ``n`` seeds."""
+
     mean: float
     half: float
     n: int
 
+    def bounds(self, limits: tuple[float, float] = METRIC_RANGES["accuracy"]) -> tuple[float, float]:
+        """The interval clipped to ``limits`` (the metric's possible values); NaN without an interval."""
+        if math.isnan(self.half):
+            return math.nan, math.nan
+        return max(limits[0], self.mean - self.half), min(limits[1], self.mean + self.half)
+
+    def clipped(self, limits: tuple[float, float] = METRIC_RANGES["accuracy"]) -> bool:
+        """Whether the raw interval runs past ``limits``."""
+        return not math.isnan(self.half) and (self.mean - self.half < limits[0] or self.mean + self.half > limits[1])
+
     def text(self, scale: float = 100.0) -> str:
+        """An accuracy cell: ``90.1 ± 1.2``, or ``56.7 (0.0–100.0)†`` when the interval ran past 0–100%."""
         if math.isnan(self.half):
             return f"{scale * self.mean:.1f}"
+        if self.clipped():
+            low, high = self.bounds()
+            return f"{scale * self.mean:.1f} ({scale * low:.1f}–{scale * high:.1f}){CLIPPED_MARK}"
         return f"{scale * self.mean:.1f} ± {scale * self.half:.1f}"
 
 
@@ -86,6 +120,16 @@ class Row:
     def ece_texts(self) -> list[str]:
         """The cells under :data:`ECE_HEADERS`."""
         return [self.ece_text(g) for g in ("ID", "OOD")]
+
+    @property
+    def warning(self) -> str:
+        """:func:`few_seeds_warning` for this row's seeds."""
+        return few_seeds_warning(len(self.seeds))
+
+    @property
+    def seeds_text(self) -> str:
+        """The seeds cell: their number, marked when too few for a meaningful interval."""
+        return f"{len(self.seeds)} {FEW_SEEDS_MARK}" if self.warning else str(len(self.seeds))
 
 
 @dataclass
@@ -120,6 +164,20 @@ class ResultTable:
         """``row``'s cells under :attr:`headers`."""
         return [row.cells[c].text() for c in self.columns] + row.ece_texts()
 
+    @property
+    def warnings(self) -> list[str]:
+        """What every rendering shows above the table: methods with too few seeds, clipped intervals."""
+        by_warning: dict[str, list[str]] = defaultdict(list)
+        for row in self.rows:
+            if row.warning:
+                by_warning[row.warning].append(row.label)
+        out = [f"{FEW_SEEDS_MARK} {', '.join(labels)} — {warning}; run {MIN_SEEDS} or more seeds."
+               for warning, labels in by_warning.items()]
+        if any(row.cells[c].clipped() for row in self.rows for c in self.columns):
+            out.append(f"{CLIPPED_MARK} Some intervals ran past 0–100% and are shown clipped, as (low–high); "
+                       "results.csv keeps the raw half-widths.")
+        return out
+
 
 def column_name(key: str) -> str:
     return "OOD avg" if key == OOD_MEAN else display_name(key)
@@ -132,15 +190,24 @@ def method_order(method: str) -> tuple[int, str]:
 
 
 def _chosen(selection: Selection, varied: set[str]) -> str:
-    """The chosen setting: hyperparameters that were swept, then per-seed epoch or LP C."""
+    """The chosen setting: hyperparameters that were swept, then the epoch or LP's C of each seed.
+
+    ``lr=0.001; chosen epoch per seed: 2, 0 (start), 3``: per-seed values are labelled as such
+    (not "2/3", which reads as "2 of 3"), and epoch 0, the starting model, says so.
+    """
     parts = [f"{k}={_fmt(v)}" for k, v in sorted(selection.hyperparameters.items()) if k in varied and v != "auto"]
     epochs = [c.epoch for c in selection.choices]
     if any(e is not None for e in epochs):
-        parts.append("epoch " + "/".join(str(e) for e in epochs))
+        parts.append("chosen epoch per seed: " + ", ".join(_epoch(e) for e in epochs))
     Cs = [c.selected.get("C") for c in selection.choices]
     if selection.hyperparameters.get("C") == "auto" and all(C is not None for C in Cs):
-        parts.append("C (auto) " + "/".join(_fmt(C) for C in Cs))
-    return ", ".join(parts)
+        parts.append("chosen C per seed (auto): " + ", ".join(_fmt(C) for C in Cs))
+    return "; ".join(parts)
+
+
+def _epoch(epoch: int | None) -> str:
+    """An epoch as shown: epoch 0 is the starting model (e.g. LP-FT's probe), kept as a candidate."""
+    return "–" if epoch is None else "0 (start)" if epoch == 0 else str(epoch)
 
 
 def _fmt(v: Any) -> str:
@@ -195,14 +262,43 @@ def _varied(trials: Iterable[RunRecord]) -> dict[str, set[str]]:
     return {m: {k for k, vs in hp.items() if len(vs) > 1 or k in ("lr", "C")} for m, hp in values.items()}
 
 
+_MD_PUNCTUATION = frozenset("\\`*_[]|~#$!")  # what could start code, emphasis, links, cells, headings, math
+
+
+def md_escape(text: str) -> str:
+    """``text`` as literal Markdown inline text that stays inside one table cell or heading.
+
+    Whitespace runs (newlines included) become one space, ``& < >`` HTML entities (no raw
+    HTML gets through), and Markdown punctuation is backslash-escaped (``|`` as GFM tables
+    require); an underscore inside a word cannot start emphasis and stays as it is.
+    """
+    text = " ".join(text.split())
+    out = []
+    for i, ch in enumerate(text):
+        if ch in "&<>":
+            out.append(html.escape(ch))
+        elif ch == "_" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum():
+            out.append(ch)
+        elif ch in _MD_PUNCTUATION:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def to_markdown(tables: Sequence[ResultTable]) -> str:
+    """Each table under a heading, its warnings as block quotes above it; every name escaped."""
     out = []
     for table in tables:
         header = ["method", *table.headers, "selected hyperparameters", "seeds"]
-        out += [f"### {table.title}", "", "| " + " | ".join(header) + " |",
+        out += [f"### {md_escape(table.title)}", ""]
+        for warning in table.warnings:
+            out += [f"> {md_escape(warning)}", ""]
+        out += ["| " + " | ".join(md_escape(h) for h in header) + " |",
                 "|" + "|".join([":--", *["--:"] * len(table.headers), ":--", "--:"]) + "|"]
         for row in table.rows:
-            out.append("| " + " | ".join([row.label, *table.texts(row), row.chosen, str(len(row.seeds))]) + " |")
+            cells = [row.label, *table.texts(row), row.chosen, row.seeds_text]
+            out.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
         out.append("")
     out.append(INTERVAL_NOTE + " Accuracy in %. " + CALIBRATION_NOTE)
     return "\n".join(out) + "\n"
@@ -212,46 +308,95 @@ def write_csv(tables: Sequence[ResultTable], path: Path) -> None:
     """Long format: one row per (table, method, column), with the rule and an explicit oracle flag.
 
     Accuracy columns hold fractions; calibration columns are named ``<metric>[_ts] ID|OOD``.
+    ``mean`` and ``ci90_half_width`` are raw (the half-width may run past the metric's range);
+    ``ci90_low_clipped``/``ci90_high_clipped`` are the bounds the tables show, ``clipped`` says
+    whether they differ from the raw interval, and ``warning`` is set under :data:`MIN_SEEDS` seeds.
     """
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task", "backbone", "selection", "oracle", "method", "column", "mean", "ci90_half_width",
-                    "n_seeds", "selected"])
+                    "ci90_low_clipped", "ci90_high_clipped", "clipped", "n_seeds", "warning", "selected"])
         for t in tables:
             for row in t.rows:
-                named = [(column_name(c), row.cells[c]) for c in t.columns] + list(row.calibration.items())
-                for name, cell in named:
+                named = [(column_name(c), "accuracy", row.cells[c]) for c in t.columns]
+                named += [(name, name.split(" ")[0].removesuffix("_ts"), cell)  # "ece_ts ID" -> ece
+                          for name, cell in row.calibration.items()]
+                for name, metric, cell in named:
                     if cell is None:
                         continue
-                    w.writerow([t.task, t.backbone, t.rule_label, "oracle" if t.oracle else "no", row.label,
-                                name, f"{cell.mean:.6f}", "" if math.isnan(cell.half) else f"{cell.half:.6f}",
-                                cell.n, row.chosen])
+                    limits = METRIC_RANGES[metric]
+                    w.writerow([t.task, t.backbone, t.rule_label, "oracle" if t.oracle else "no", row.label, name,
+                                _number(cell.mean), _number(cell.half), *(_number(b) for b in cell.bounds(limits)),
+                                "yes" if cell.clipped(limits) else "no", cell.n, row.warning, row.chosen])
 
 
-def to_html(tables: Sequence[ResultTable], images: Sequence[Path], title: str) -> str:
-    """One page with no external references: tables, the interval note and the plots as data URIs."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,td:nth-last-child(2){text-align:left}"
-             ".oracle{background:#fff3e0}.oracle caption{color:#b35900;font-weight:bold}caption{text-align:left}"
-             "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-             f"<p>{html.escape(INTERVAL_NOTE)} Accuracy in %. Headline numbers use ID-validation selection. "
-             f"{html.escape(CALIBRATION_NOTE)}</p>"]
+def _number(value: float) -> str:
+    """A CSV number; empty for NaN (no interval from one seed)."""
+    return "" if math.isnan(value) else f"{value:.6f}"
+
+
+_STYLE = """
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;line-height:1.45;color:#1d1d1d;
+ max-width:1400px;margin:0 auto;padding:1rem clamp(.75rem,3vw,2.5rem) 3rem}
+h1{font-size:1.5rem;margin:.5rem 0 1rem}h2{font-size:1.1rem;margin:2rem 0 .5rem}
+h1,h2,p,dd,summary,figcaption{overflow-wrap:anywhere}
+.meta{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:.15rem 1rem;margin:0 0 1rem;font-size:.9rem}
+.meta dt{font-weight:600;color:#555}.meta dd{margin:0}
+details{margin:.3rem 0;font-size:.9rem}
+pre{overflow-x:auto;background:#f6f6f6;padding:.6rem .8rem;margin:.3rem 0}
+.note{font-size:.9rem;color:#444}
+.warn{background:#fff4e5;border-left:4px solid #e08a00;padding:.4rem .7rem;margin:.4rem 0;font-size:.9rem}
+.scroll{overflow-x:auto;margin:.5rem 0 1.5rem;border:1px solid #ddd}
+table{border-collapse:collapse;font-size:.88rem;font-variant-numeric:tabular-nums}
+th,td{padding:.3rem .6rem;border-bottom:1px solid #e6e6e6;text-align:right;white-space:nowrap}
+th{background:#f3f3f3;white-space:normal;vertical-align:bottom}
+th:first-child,td:first-child{text-align:left;position:sticky;left:0;background:#fff;border-right:1px solid #e6e6e6}
+th:first-child{background:#f3f3f3}
+td.chosen{white-space:normal;min-width:13rem}.chosen{text-align:left}
+h2.oracle{color:#a34f00}
+table.oracle td{background:#fff6ea}
+.figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,460px),1fr));gap:1rem}
+figure{margin:0}img{display:block;max-width:100%;height:auto}figcaption{font-size:.85rem;color:#555}
+"""
+
+
+def to_html(
+    tables: Sequence[ResultTable], images: Sequence[Path], title: str,
+    info: Sequence[tuple[str, str]] = (), specs: Sequence[tuple[str, str]] = (),
+) -> str:
+    """One page with no external references: ``info`` (label, value) pairs, ``specs`` (name, YAML)
+    folded, then the tables with their warnings, the notes, and the plots as data URIs.
+
+    Readable from a 360 px phone to a wide screen: each table scrolls sideways inside its own
+    box (its method column stays put), text wraps, plots shrink to the page.
+    """
+    e = html.escape
+    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>{e(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    if info:
+        parts.append("<dl class='meta'>" + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in info) + "</dl>")
+    parts += [f"<details><summary>sweep spec {e(name)}</summary><pre>{e(text)}</pre></details>" for name, text in specs]
     for t in tables:
         cls = " class='oracle'" if t.oracle else ""
-        parts.append(f"<table{cls}><caption>{html.escape(t.title)}</caption><tr><th>method</th>")
-        parts += [f"<th>{html.escape(h)}</th>" for h in t.headers]
-        parts.append("<th>selected hyperparameters</th><th>seeds</th></tr>")
+        parts.append(f"<h2{cls}>{e(t.title)}</h2>")
+        parts += [f"<p class='warn'>{e(w)}</p>" for w in t.warnings]
+        parts.append(f"<div class='scroll'><table{cls}><thead><tr><th>method</th>")
+        parts += [f"<th>{e(h)}</th>" for h in t.headers]
+        parts.append("<th class='chosen'>selected hyperparameters</th><th>seeds</th></tr></thead><tbody>")
         for row in t.rows:
-            cells = "".join(f"<td>{html.escape(x)}</td>" for x in t.texts(row))
-            parts.append(f"<tr><td>{html.escape(row.label)}</td>{cells}<td>{html.escape(row.chosen)}</td>"
-                         f"<td>{len(row.seeds)}</td></tr>")
-        parts.append("</table>")
+            cells = "".join(f"<td>{e(x)}</td>" for x in t.texts(row))
+            tip = f" title='{e(row.warning)}'" if row.warning else ""
+            parts.append(f"<tr><td>{e(row.label)}</td>{cells}<td class='chosen'>{e(row.chosen)}</td>"
+                         f"<td{tip}>{e(row.seeds_text)}</td></tr>")
+        parts.append("</tbody></table></div>")
+    parts.append(f"<p class='note'>{e(INTERVAL_NOTE)} Accuracy in %. Headline numbers use ID-validation selection. "
+                 f"{e(CALIBRATION_NOTE)}</p><div class='figures'>")
     for image in images:
         data = base64.b64encode(image.read_bytes()).decode()
-        parts.append(f"<figure><img alt='{html.escape(image.stem)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{html.escape(image.stem)}</figcaption></figure>")
-    parts.append("</body></html>")
+        parts.append(f"<figure><img alt='{e(image.stem)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{e(image.stem)}</figcaption></figure>")
+    parts.append("</div></body></html>")
     return "\n".join(parts)
-
-
