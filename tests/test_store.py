@@ -10,6 +10,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -54,7 +55,8 @@ def _row(db: Path, h: str) -> dict:
 def _set(db: Path, h: str, **columns) -> None:
     """Write a row's lease columns by hand (what a holder on another host would have written)."""
     with sqlite3.connect(db) as conn:
-        conn.execute(f"UPDATE trials SET {', '.join(f'{k}=?' for k in columns)} WHERE config_hash=?", (*columns.values(), h))
+        assignments = ", ".join(f"{k}=?" for k in columns)
+        conn.execute(f"UPDATE trials SET {assignments} WHERE config_hash=?", (*columns.values(), h))
 
 
 # ---------------------------------------------------------------------- claim semantics
@@ -94,18 +96,18 @@ def test_diagnostics_are_stored_with_the_results(tmp_path):
         assert {t.config_hash: t.diagnostics for t in store.trials()} == {a: diagnostics, b: {}}
 
 
-def _hold(db: str, h: str, claimed, release) -> None:
-    """Child: claim ``h`` and hold it (alive, no heartbeat thread needed on one host) until released."""
+def _hold(db: str, h: str, claimed) -> None:
+    """Child: claim ``h`` and hold it (alive; on one host no heartbeat is needed) until killed."""
     with Store(db) as store:
         claimed.put(store.claim(h))
-        release.wait(60)
+        time.sleep(60)
 
 
 def test_a_live_holder_is_refused_and_a_sigkilled_one_loses_its_lease(tmp_path):
     db = tmp_path / "r.sqlite"
     (h,) = _registered(db)
-    claimed, release = SPAWN.Queue(), SPAWN.Event()
-    child = SPAWN.Process(target=_hold, args=(str(db), h, claimed, release))
+    claimed = SPAWN.Queue()
+    child = SPAWN.Process(target=_hold, args=(str(db), h, claimed))
     child.start()
     try:
         assert claimed.get(timeout=60) is True
@@ -123,7 +125,7 @@ def test_a_live_holder_is_refused_and_a_sigkilled_one_loses_its_lease(tmp_path):
             assert (row["status"], row["attempts"], row["lease_pid"]) == ("running", 2, os.getpid())
             assert _finish(store, h)
     finally:
-        release.set()
+        child.kill()
         child.join(10)
 
 
@@ -210,17 +212,22 @@ def test_lease_heartbeat_stops_once_the_trial_is_marked(tmp_path):
 
 
 def _claim_all(db: str, hashes: list[str], start, done, out) -> None:
-    """Child: claim every trial it can, hold them until every child has tried, report the winners."""
+    """Child: claim every trial it can, in its own order, hold them until every child has tried; report the winners."""
+    random.shuffle(hashes)
+    won = []
     with Store(db) as store:
         start.wait(60)
-        won = [h for h in hashes if store.claim(h)]
+        for h in hashes:
+            if store.claim(h):
+                won.append(h)
+            time.sleep(random.uniform(0, 0.002))  # a tight loop would starve the others, asleep in SQLite's busy wait
         out.put((os.getpid(), won))
         done.wait(60)
 
 
 def test_concurrent_claimers_get_disjoint_trials(tmp_path):
     db = tmp_path / "r.sqlite"
-    hashes = _registered(db, 40)
+    hashes = _registered(db, 200)
     n = 4
     start, done, out = SPAWN.Barrier(n), SPAWN.Barrier(n), SPAWN.Queue()
     children = [SPAWN.Process(target=_claim_all, args=(str(db), hashes, start, done, out)) for _ in range(n)]

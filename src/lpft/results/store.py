@@ -83,7 +83,7 @@ _SCHEMA = (
     lease_host   TEXT,                      -- the lease holder's host name (v2)
     lease_space  TEXT,                      -- its boot id and pid namespace: where its pid means something (v2)
     lease_pid    INTEGER,                   -- (v2)
-    lease_pid_start INTEGER,                -- its pid's start time in clock ticks since boot, so a reused pid is told apart (v2)
+    lease_pid_start INTEGER,                -- its pid's start (clock ticks since boot): tells a reused pid apart (v2)
     lease_token  TEXT,                      -- random, one per process: whether this process holds the lease (v2)
     heartbeat_at REAL                       -- the holder's last sign of life (v2)
 )""",
@@ -178,15 +178,17 @@ class Store:
         )
 
     def _connect_readonly(self) -> sqlite3.Connection:
-        """Open with ``mode=ro``; a WAL database in a folder this process cannot write is read as immutable."""
+        """Open with ``mode=ro``; a closed WAL database in a folder this process cannot write is read as immutable."""
         if not self.path.is_file():
-            raise StoreError(f"no results database at {self.path}; run a sweep into it first (lpft sweep SPEC --db {self.path})")
+            raise StoreError(f"no results database at {self.path}; run a sweep into it first "
+                             f"(lpft sweep SPEC --db {self.path})")
         uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
         try:
             conn, version = _open_readonly(uri, self.path)
         except sqlite3.OperationalError as exc:
-            # A WAL reader needs the -shm file, which it cannot create in an unwritable folder. With no -wal
-            # file there is no uncommitted tail, and without a writable folder no writer can start one.
+            # A WAL reader needs the -shm file, which it cannot create in a folder it may not write. With no
+            # -wal file no writer has the database open (the last one to close removes it): read the file as
+            # the immutable snapshot it then is.
             wal = self.path.with_name(self.path.name + "-wal")
             if "unable to open" not in str(exc) or wal.exists() or _writable(self.path.parent):
                 raise StoreError(f"cannot read results database {self.path}: {exc}") from exc
@@ -308,8 +310,9 @@ class Store:
         return True
 
     def mark_finished(
-        self, config_hash: str, *, task_name: str, selected: Mapping[str, Any], metrics: Mapping[str, Any], history: list[dict],
-        timings: Mapping[str, float], environment: Mapping[str, str], diagnostics: Mapping[str, Any] | None = None,
+        self, config_hash: str, *, task_name: str, selected: Mapping[str, Any], metrics: Mapping[str, Any],
+        history: list[dict], timings: Mapping[str, float], environment: Mapping[str, str],
+        diagnostics: Mapping[str, Any] | None = None,
     ) -> bool:
         """Store a trial's results and its ``finished`` status in one transaction; False if not our lease."""
         return self._mark(
@@ -360,7 +363,8 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         if column not in have:
             conn.execute(f"ALTER TABLE trials ADD COLUMN {column} {kind}")
     if row is None or int(row[0]) != SCHEMA_VERSION:
-        log.info("results database %s: schema %s -> %d", path, "new" if row is None else row[0], SCHEMA_VERSION)
+        if row is not None:
+            log.info("results database %s: migrated from schema %s to %d", path, row[0], SCHEMA_VERSION)
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
@@ -440,7 +444,8 @@ def _holder_alive(row: sqlite3.Row, now: float) -> bool:
 
 
 def _decode(row: sqlite3.Row) -> StoredTrial:
-    load = lambda key, empty: json.loads(row[key]) if key in row.keys() and row[key] is not None else empty  # noqa: E731
+    columns = row.keys()  # a schema-1 database read as it is lacks the schema-2 columns
+    load = lambda key, empty: json.loads(row[key]) if key in columns and row[key] is not None else empty  # noqa: E731
     return StoredTrial(
         config_hash=row["config_hash"], sweep=row["sweep"], task=row["task"], backbone=row["backbone"],
         method=row["method"], seed=row["seed"], config=json.loads(row["config"]), status=row["status"],
