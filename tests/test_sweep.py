@@ -53,6 +53,7 @@ def test_spec_defaults_are_the_papers_protocol():
     ({"task": "t", "backbone": "b", "methods": {"lp": {"C": [0.0]}}}, r"'methods.lp.C': C \(LinearProbeConfig\) must be > 0"),
     ({"task": "t", "backbone": "b", "seeds": "zero"}, "non-empty list of integers"),
     ({"task": "t", "backbone": "b", "seeds": [1, 1]}, "duplicates"),
+    ({"task": "t", "backbone": "b", "seeds": [2**70]}, r"'seeds': seed \(MethodConfig\) must be <= 4294967295"),
     ({"task": "t", "backbone": "b", "finetune": {"bn_mode": "fast"}}, r"bn_mode \(FinetuneConfig\) must be one of \['frozen', 'train'\]"),
     ({"task": "t", "backbone": "b", "backbones": ["c"]}, "not both"),
     ({"task": "t", "backbone": "b", "methods": {"ft": {"lr": [float("nan")]}}}, "must be a finite number"),

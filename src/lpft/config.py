@@ -31,17 +31,18 @@ def setting(
     kind: type | None = None,
     choices: tuple[str, ...] | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     above: float | None = None,
     auto: bool | AutoResolver = False,
 ) -> Any:
     """A config field with its help text and constraints.
 
-    ``kind`` defaults to the type of ``default``; ``minimum`` is inclusive, ``above``
-    exclusive; ``auto`` allows the string ``"auto"``: ``True`` leaves it for the method to
+    ``kind`` defaults to the type of ``default``; ``minimum`` and ``maximum`` are inclusive,
+    ``above`` exclusive; ``auto`` allows the string ``"auto"``: ``True`` leaves it for the method to
     interpret, a callable ``f(n_train)`` is how :meth:`MethodConfig.resolve` replaces it.
     """
-    meta = {"help": help, "kind": kind or type(default), "choices": choices, "minimum": minimum, "above": above,
-            "auto": auto}
+    meta = {"help": help, "kind": kind or type(default), "choices": choices, "minimum": minimum, "maximum": maximum,
+            "above": above, "auto": auto}
     return field(default=default, metadata=meta)
 
 
@@ -59,7 +60,7 @@ def parse_bool(text: str) -> bool:
 class MethodConfig:
     """Settings shared by every method; subclasses add their own with :func:`setting`."""
 
-    seed: int = setting(0, "random seed: head initialisation, batch order, subsamples")
+    seed: int = setting(0, "random seed: head initialisation, batch order, subsamples", minimum=0, maximum=2**32 - 1)
 
     default_grid: ClassVar[Mapping[str, Any]] = {}
 
@@ -124,6 +125,8 @@ def check_value(cls: type[MethodConfig], name: str, value: Any) -> Any:
                 raise ConfigError(f"{where} must be a finite number, got {value!r}")
         if meta["minimum"] is not None and value < meta["minimum"]:
             raise ConfigError(f"{where} must be >= {meta['minimum']}, got {value!r}")
+        if meta["maximum"] is not None and value > meta["maximum"]:
+            raise ConfigError(f"{where} must be <= {meta['maximum']}, got {value!r}")
         if meta["above"] is not None and value <= meta["above"]:
             raise ConfigError(f"{where} must be > {meta['above']}, got {value!r}")
         return value

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from lpft.config import check_value
+from lpft.config import MethodConfig, check_value
 from lpft.errors import ConfigError, SpecError
 from lpft.methods import method_class, method_names
 
@@ -103,6 +103,11 @@ def parse_spec(raw: Any, default_name: str = "sweep", base_dir: Path | None = No
         raise SpecError(f"'seeds' must be a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise SpecError(f"'seeds' has duplicates: {seeds}")
+    for seed in seeds:
+        try:
+            check_value(MethodConfig, "seed", seed)
+        except ConfigError as e:
+            raise SpecError(f"'seeds': {e}") from e
 
     methods_raw = raw.get("methods", list(DEFAULT_METHODS))
     if isinstance(methods_raw, list):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from lpft.data import Task, load_task
 from lpft.errors import BackboneError, ConfigError
 from lpft.evaluation import evaluate
 from lpft.methods import Method, MethodResult, create_method, method_config
+from lpft.paths import cache_dir
 from lpft.runs.artifacts import check_save_target, save_run
 from lpft.runs.record import RunRecord, environment
 from lpft.training.distributed import local_device
@@ -100,6 +102,13 @@ def create_backbone_once(name: str, options: Mapping[str, Any] | None = None) ->
     return _backbone(name, canonical({k: v for k, v in (options or {}).items() if v is not None}))
 
 
+def check_cache_writable() -> None:
+    """Fail before any work when the feature cache cannot be written (the result would be lost after extraction)."""
+    folder = cache_dir()
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"the cache folder {folder} is not writable; point LPFT_CACHE at a writable folder")
+
+
 def check_modality(task: Task, backbone: Backbone) -> None:
     if backbone.modality != task.modality:
         raise BackboneError(f"backbone {backbone.name!r} reads {backbone.modality} but task {task.name!r} is a "
@@ -138,6 +147,7 @@ def execute(
     dev = resolve_device(device)
     if save is not None:
         check_save_target(save, overwrite)
+    check_cache_writable()
     config = spec.config()  # checked before anything is loaded
     in_memory = task is not None
     task = task if in_memory else load_task_once(spec.task, spec.task_options)
