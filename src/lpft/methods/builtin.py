@@ -1,3 +1,3 @@
-"""Built-in methods; importing this module registers them."""
+"""Built-in methods; importing this module registers them (one line per method)."""
 
-from lpft.methods import finetuning, linear_probe  # noqa: F401
+from lpft.methods import finetuning, linear_probe, lora, spd  # noqa: F401
