@@ -143,9 +143,9 @@ def test_lpft_changes_id_features_less_than_ft_at_the_same_lr(digit_diagnoses):
 
 
 def test_cli_run_save_then_diagnose(cache, tmp_path):
-    """`lpft run --save` then `lpft diagnose`: an LP run keeps its backbone, so nothing moved."""
+    """`lpft run --out` then `lpft diagnose`: an LP run keeps its backbone, so nothing moved."""
     run_dir, out = tmp_path / "lp", tmp_path / "diag"
-    assert cli_main(["run", str(TEXT_TOPICS), "--backbone", "minilm-l6", "--method", "lp", "--save", str(run_dir)]) == 0
+    assert cli_main(["run", str(TEXT_TOPICS), "--backbone", "minilm-l6", "--method", "lp", "--out", str(run_dir)]) == 0
     assert not (run_dir / WEIGHTS_FILE).exists()
     assert cli_main(["diagnose", "--run", str(run_dir), "--out", str(out), "--device", "cpu"]) == 0
     payload = json.loads((out / "diagnose.json").read_text())

@@ -25,7 +25,7 @@ def test_saved_run_predicts_what_it_scored(method, png_task, cache, tmp_path):
     run_dir = tmp_path / method
     flags = [] if method == "lp" else ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3"]
     assert cli_main(["run", str(png_task), "--backbone", "efficientnet-lite0", "--image-size", "32", "--method", method,
-                     *flags, "--device", "cpu", "--save", str(run_dir)]) == 0
+                     *flags, "--device", "cpu", "--out", str(run_dir)]) == 0
     assert (run_dir / HEAD_FILE).is_file() and (run_dir / WEIGHTS_FILE).is_file() == (method != "lp")
     record = load_run(run_dir).record
     assert record.spec["method"] == method and record.spec["backbone_options"] == {"image_size": 32}
@@ -33,7 +33,7 @@ def test_saved_run_predicts_what_it_scored(method, png_task, cache, tmp_path):
 
     # test.csv is the task's id_test split: predictions must be the saved run's own argmax there
     out = tmp_path / f"{method}.csv"
-    assert cli_main(["predict", str(run_dir), str(png_task.parent / "test.csv"), "--out", str(out), "--device", "cpu"]) == 0
+    assert cli_main(["predict", str(run_dir), str(png_task.parent / "test.csv"), "--csv", str(out), "--device", "cpu"]) == 0
     with out.open() as f:
         rows = list(csv.DictReader(f))
     model, classes = load_model(run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,6 +140,15 @@ def _concat(chunks: list[Batch]) -> Batch:
     return torch.cat(chunks)
 
 
+def progress_disabled(wanted: bool = True) -> bool | None:
+    """tqdm's ``disable=`` for lpft's bars: ``True`` when the caller wants none or ``TQDM_DISABLE`` is set
+    (``lpft --no-progress`` sets it), else ``None``: tqdm draws the bar only on a terminal.
+
+    Passing ``disable`` at all overrides tqdm's own reading of ``TQDM_DISABLE``, hence the check here.
+    """
+    return True if not wanted or os.environ.get("TQDM_DISABLE") else None
+
+
 @torch.inference_mode()
 def compute_features(
     backbone: Backbone, data: SplitData, device: torch.device | str = "cpu", batch_size: int = 256, desc: str = ""
@@ -152,7 +162,8 @@ def compute_features(
     # pinned output lets the device->host copies run asynchronously, with one synchronisation at the end
     out = torch.empty(shape, dtype=torch.float32, pin_memory=cuda and shape[0] * shape[1] * 4 <= PRELOAD_LIMIT_BYTES)
     try:
-        for start in tqdm(range(0, len(data), batch_size), desc=desc or "features", unit="batch", leave=False):
+        for start in tqdm(range(0, len(data), batch_size), desc=desc or "features", unit="batch", leave=False,
+                          disable=progress_disabled()):
             index = np.arange(start, min(start + batch_size, len(data)))
             batch = to_device(data.batch(index), device, channels_last)
             out[start : start + len(index)].copy_(backbone.features(batch), non_blocking=True)
@@ -198,7 +209,7 @@ def cached_features(
         }
         write_atomic(path, lambda f: np.save(f, feats))
         write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
-        log.info("cached features of %s (%d x %d) at %s", split.name, *feats.shape, path)
+        log.debug("cached features of %s (%d x %d) at %s", split.name, *feats.shape, path)
     return feats
 
 

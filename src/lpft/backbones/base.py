@@ -7,15 +7,20 @@ interface, so features, methods and diagnostics never special-case a model famil
   tensors. Deterministic, so a split can be preprocessed once and indexed afterwards.
 - ``features(batch) -> Tensor[N, feature_dim]``: the representation a linear head reads.
 - ``trainable_parameters()``: what fine-tuning updates.
+- ``blocks()``: those parameters grouped by depth, input to output (layer-wise learning rates,
+  surgical fine-tuning).
 - ``fingerprint``: identifies weights and preprocessing, keying the feature cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +30,14 @@ from torch import nn
 from lpft.errors import BackboneError, TaskError
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
+NamedParameters = list[tuple[str, nn.Parameter]]
+
+
+class Block(NamedTuple):
+    """Parameters at one depth of a backbone, e.g. a residual block or a transformer layer."""
+
+    name: str
+    parameters: list[nn.Parameter]
 
 
 class Backbone(nn.Module, ABC):
@@ -53,6 +66,80 @@ class Backbone(nn.Module, ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that full fine-tuning updates (all of them unless an adapter says otherwise)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def blocks(self) -> list[Block]:
+        """The trainable parameters grouped into blocks in depth order, input to output, each exactly once.
+
+        What layer-wise learning rates and surgical fine-tuning index by depth. The default
+        (:func:`depth_blocks`) reads parameter names in registration order; an adapter whose
+        model knows its own grouping, or registers parameters out of data-flow order, overrides it.
+        """
+        return depth_blocks(self.named_trainable_parameters())
+
+    def named_trainable_parameters(self) -> NamedParameters:
+        """``(name, parameter)`` for each of :meth:`trainable_parameters`, in registration order."""
+        trainable = {id(p) for p in self.trainable_parameters()}
+        return [(n, p) for n, p in self.named_parameters() if id(p) in trainable]
+
+
+_NUMBERED = re.compile(r"(\d+|.*[_-]\d+)")  # ``3``, ``encoder_layer_3`` (torchvision ViT), ``block1-0`` (RegNet)
+
+
+def block_name(parameter: str) -> str:
+    """The block a parameter belongs to: its name up to the first numbered part (``layer1.0``,
+    ``net._blocks.3``, ``encoder.layer.5``, ``encoder.layers.encoder_layer_5``), else its module
+    (``net._conv_stem``)."""
+    parts = parameter.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if _NUMBERED.fullmatch(part):
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or parameter
+
+
+def _numbered(parameter: str) -> bool:
+    return any(_NUMBERED.fullmatch(part) for part in parameter.split(".")[:-1])
+
+
+def depth_blocks(named: NamedParameters) -> list[Block]:
+    """Parameters (in registration order, assumed to follow the data) grouped into depth-ordered blocks.
+
+    Each numbered block (:func:`block_name`: ``layer1.0``, ``_blocks.3``, ``encoder.layer.5``)
+    is a block; the unnumbered parameters before the first of them form one input block (stem
+    convolution and its norm, embeddings), those after the last one an output block (head
+    convolution, final norm, pooler), and any in between a block per module. Without numbered
+    parts every module is a block.
+    """
+    numbered = [i for i, (name, _) in enumerate(named) if _numbered(name)]
+    first, last = (numbered[0], numbered[-1]) if numbered else (-1, len(named))
+    groups: dict[str, NamedParameters] = {}
+    for i, (name, p) in enumerate(named):
+        key = "<input>" if i < first else "<output>" if i > last else block_name(name)
+        groups.setdefault(key, []).append((name, p))
+    return name_blocks(list(groups.values()), [name for name, _ in named])
+
+
+def name_blocks(groups: list[NamedParameters], all_names: list[str]) -> list[Block]:
+    """:class:`Block` s from groups of named parameters, each named by its parameters.
+
+    A group's name is the dotted prefix its parameters share (``net.layer1.0``,
+    ``encoder.embeddings``) when that says more than the prefix every parameter shares
+    (``net``); otherwise the :func:`block_name` of its parts joined by ``+`` (``net._conv_stem+net._bn0``).
+    """
+    root = _common_prefix(all_names)
+    blocks = []
+    for group in groups:
+        names = [name for name, _ in group]
+        shared = _common_prefix(names) if len(names) > 1 else block_name(names[0])
+        if len(shared) <= len(root):
+            shared = "+".join(dict.fromkeys(block_name(n) if len(block_name(n)) > len(root) else n for n in names))
+        blocks.append(Block(shared, [p for _, p in group]))
+    return blocks
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix of all ``names`` (``""`` if none)."""
+    parts = os.path.commonprefix([n.split(".") for n in names])
+    return ".".join(parts)
 
 
 class ImageBackbone(Backbone):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lpft.backbones.base import Backbone, BackboneError, file_digest
+from lpft.backbones.base import Backbone, BackboneError, Block, depth_blocks, file_digest
 from lpft.backbones.registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,20 @@ class HFTextEncoder(Backbone):
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def blocks(self) -> list[Block]:
+        """Embeddings, each ``encoder.layer.N``, with the pooler (if any) in the last layer's block.
+
+        The features mean-pool the last hidden states and never read the pooler; as a block of
+        its own it would count as one more layer of depth above the last one.
+        """
+        named = self.named_trainable_parameters()
+        pooler = [(n, p) for n, p in named if n.startswith("encoder.pooler.")]
+        blocks = depth_blocks([(n, p) for n, p in named if not n.startswith("encoder.pooler.")])
+        if pooler:
+            last = blocks[-1]
+            blocks[-1] = Block(f"{last.name}+encoder.pooler", last.parameters + [p for _, p in pooler])
+        return blocks
 
     def preprocess(self, inputs: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lpft.backbones.base import BackboneError, PooledImageBackbone, load_weights_file
+from lpft.backbones.base import BackboneError, Block, PooledImageBackbone, load_weights_file, name_blocks
 from lpft.backbones.registry import register_backbone
 
 
@@ -31,6 +31,22 @@ class TimmBackbone(PooledImageBackbone):
         self.net = net
         self.feature_dim = int(net.num_features)
         self._set_fingerprint(weights)
+
+    def blocks(self) -> list[Block]:
+        """timm's own fine-grained grouping (``group_matcher``, what timm's layer decay uses), else the default."""
+        from timm.models import group_parameters
+
+        matcher = getattr(self.net, "group_matcher", None)
+        try:
+            groups = group_parameters(self.net, matcher(coarse=False)) if matcher is not None else None
+        except NotImplementedError:
+            groups = None
+        if not groups:
+            return super().blocks()
+        named = dict(self.named_trainable_parameters())
+        grouped = [[(f"net.{n}", named[f"net.{n}"]) for n in names if f"net.{n}" in named]
+                   for _, names in sorted(groups.items())]
+        return name_blocks([g for g in grouped if g], list(named))
 
 
 def _classifier_prefixes(net) -> tuple[str, ...]:

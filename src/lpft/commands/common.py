@@ -1,29 +1,75 @@
-"""Pieces shared by the run-like sub-commands: method settings as flags, backbone flags, result tables."""
+"""Pieces shared by the sub-commands: method settings and backbone options as flags, output
+options and their old spellings, tables that fit the terminal, and the console.
+
+Nothing heavy is imported at module level: ``lpft <cmd> --help`` builds its parser with this
+module, so rich, torch and the registries load inside the functions that use them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from lpft.config import parse_text
-from lpft.data.splits import ID_TEST, display_name, is_ood
 from lpft.errors import ConfigError
-from lpft.methods import method_class, method_label, method_names
-from lpft.runs import RunRecord
-from lpft.training.distributed import is_main_process
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lpft.runs import RunRecord
 
 SETTING_PREFIX = "setting_"  # argparse dest of a method setting's flag
+DEFAULT_RULES = "id-val,last-epoch,oracle"
+TEXT_MAX_WIDTH = 60  # a text column of a table wraps its cells beyond this many characters
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: ...)`` to the help of each option that has a default, unless the help already
+    speaks of its default (a computed one, such as ``runs/<sweep name>``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == [] or default == argparse.SUPPRESS  # 0 is set
+        optional = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if unset or not optional or "default" in help_text.lower():
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the new option's dest and says, on stderr, what replaces it."""
+
+    def __init__(self, option_strings: list[str], dest: str, replacement: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"lpft: warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, replacement: str, dest: str,
+                         convert: Callable[[str], Any] = Path) -> None:
+    """Keep ``old`` working as a hidden spelling of ``replacement`` (same ``dest``) that warns when used."""
+    parser.add_argument(old, dest=dest, type=convert, action=_DeprecatedAlias, replacement=replacement,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str | None = "auto", when_none: str = "") -> None:
+    """``--device``: ``auto`` is CUDA when present, else the CPU; ``when_none`` says what an omitted flag means."""
+    meaning = f" (default: {when_none})" if when_none else ""
+    parser.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (CUDA when present){meaning}")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +78,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     Each flag's help says its default and which methods read it; a flag given for a method
     that does not read it is an error (:func:`method_settings`), never silently ignored.
     """
+    from lpft.methods import method_class, method_names
+
     owners: dict[str, list[str]] = {}
     declared: dict[str, Any] = {}
     for name in method_names(registered_order=True):
@@ -46,11 +94,14 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
             metavar=None if meta["choices"] else ("auto|" if meta["auto"] else "") + meta["kind"].__name__.upper(),
             help=f"{meta['help']} (default: {field.default}; {', '.join(owners[setting])})",
         )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA when present (default: auto)")
+    add_device_argument(parser)
 
 
 def method_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The settings given on the command line, parsed for ``method``; a flag it does not read is an error."""
+    from lpft.config import parse_text
+    from lpft.methods import method_class
+
     config_class = method_class(method).config_class
     given = {k.removeprefix(SETTING_PREFIX): v for k, v in vars(args).items() if k.startswith(SETTING_PREFIX) and v is not None}
     foreign = sorted(set(given) - set(config_class.settings()))
@@ -63,16 +114,24 @@ def method_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 def add_backbone_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument("--backbone", required=default is None, default=default,
-                        help="efficientnet-lite0, minilm-l6, timm:<name>, torchvision:<name>, hf:<id-or-path>"
-                             + (f" (default: {default})" if default else ""))
+                        help="efficientnet-lite0, minilm-l6, timm:<name>, torchvision:<name>, hf:<id-or-path>")
     parser.add_argument("--weights", default=None,
                         help="local weights file, 'random', or 'download' (nothing is downloaded otherwise)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="input resolution for image backbones (default: the backbone's own)")
+                        help="input resolution of image backbones, in pixels (default: the backbone's own)")
 
 
 def backbone_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in {"weights": args.weights, "image_size": args.image_size}.items() if v is not None}
+
+
+def add_rules_argument(parser: argparse.ArgumentParser) -> None:
+    """``--rules``: the selection rules of a report, shared by ``sweep``, ``reproduce`` and ``report``."""
+    parser.add_argument(
+        "--rules", default=DEFAULT_RULES,
+        help="comma-separated selection rules, the first one drives the plots: id-val (headline), last-epoch, "
+             "oracle or oracle:ood/<name> (always labelled oracle) (default: %(default)s)",
+    )
 
 
 def check_writable(path: Path | str, what: str) -> Path:
@@ -89,26 +148,49 @@ def check_writable(path: Path | str, what: str) -> Path:
     return path
 
 
-def metrics_table(records: Sequence[RunRecord], title: str) -> Table:
-    """Rows = methods; columns = each evaluated split, the OOD mean, ID-test ECE and what was chosen (accuracy %)."""
-    splits = list(records[0].metrics)
-    ood = [s for s in splits if is_ood(s)]
-    table = Table(title=title)
-    table.add_column("method")
-    for s in splits:
-        table.add_column(display_name(s), justify="right")
-    if len(ood) > 1:
-        table.add_column("OOD mean", justify="right")
-    table.add_column("ECE ID", justify="right")
-    table.add_column("chosen", justify="left")
-    for r in records:
-        row = [method_label(r.method)] + [f"{100 * r.metrics[s]['accuracy']:.1f}" for s in splits]
-        if len(ood) > 1:
-            row.append(f"{sum(100 * r.metrics[s]['accuracy'] for s in ood) / len(ood):.1f}")
-        row.append(f"{r.metrics[ID_TEST]['ece']:.3f}")
-        row.append(", ".join(f"{k}={_short(v)}" for k, v in r.selected.items()))
+def new_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1,
+              caption: str | None = None) -> Table:
+    """A table of ``rows`` whose first ``text_columns`` columns hold text and the rest numbers.
+
+    Number columns are only as wide as their widest cell (their headers wrap at spaces) and
+    text columns at most :data:`TEXT_MAX_WIDTH`, so that on a narrow terminal the text keeps
+    whole words; a cell that still does not fit wraps at spaces, then folds. Nothing is cut
+    off with an ellipsis.
+    """
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for i, name in enumerate(columns):
+        if i < text_columns:
+            table.add_column(name, overflow="fold", max_width=TEXT_MAX_WIDTH)
+        else:
+            widest = max([len(row[i]) for row in rows] + [len(word) for word in name.split()])
+            table.add_column(name, justify="right", overflow="fold", max_width=widest)
+    for row in rows:
         table.add_row(*row)
     return table
+
+
+def metrics_table(records: Sequence[RunRecord], title: str) -> Table:
+    """Accuracy (%) of each method (columns) on each evaluated split (rows), the OOD mean and ID-test ECE.
+
+    One row per split keeps the table narrow however many OOD splits a task has; what each
+    method chose on ID validation goes in the caption.
+    """
+    from lpft.data.splits import ID_TEST, display_name, is_ood
+    from lpft.methods import method_label
+
+    splits = list(records[0].metrics)
+    ood = [s for s in splits if is_ood(s)]
+    labels = [method_label(r.method) for r in records]
+    rows = [[display_name(s), *(f"{100 * r.metrics[s]['accuracy']:.1f}" for r in records)] for s in splits]
+    if len(ood) > 1:
+        rows.append(["OOD mean",
+                     *(f"{sum(100 * r.metrics[s]['accuracy'] for s in ood) / len(ood):.1f}" for r in records)])
+    rows.append(["ECE on ID (0-1)", *(f"{r.metrics[ID_TEST]['ece']:.3f}" for r in records)])
+    chosen = "\n".join(f"{label} chose {', '.join(f'{k}={_short(v)}' for k, v in r.selected.items())}"
+                        for label, r in zip(labels, records) if r.selected)
+    return new_table(title, ["split", *labels], rows, caption=chosen or None)
 
 
 def _short(v: Any) -> str:
@@ -117,6 +199,8 @@ def _short(v: Any) -> str:
 
 def write_json(path: Path | str, payload: Any) -> None:
     """Write ``payload``; under torchrun only rank 0 writes."""
+    from lpft.training.distributed import is_main_process
+
     if not is_main_process():
         return
     path = Path(path)
@@ -124,6 +208,18 @@ def write_json(path: Path | str, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
-# Tables are wide (one column per OOD split): don't squeeze them to 80 columns when piped.
-console = Console(width=None if Console().is_terminal else 160, quiet=not is_main_process())  # torchrun: rank 0 prints
+def _make_console() -> Console:
+    """Rich's console at the terminal's width ($COLUMNS, else 80 when piped); under torchrun only rank 0 prints."""
+    from rich.console import Console
 
+    from lpft.training.distributed import is_main_process
+
+    return Console(quiet=not is_main_process())
+
+
+def __getattr__(name: str) -> Any:
+    """``console`` is built on first use, so that building a parser imports neither rich nor torch."""
+    if name == "console":
+        globals()["console"] = made = _make_console()
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from lpft.commands.common import console
-from lpft.data import benchmark_names, load_task
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="list or prepare the bundled benchmarks")
@@ -16,10 +13,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from lpft.commands.common import console
+    from lpft.data import benchmark_names, load_task
+
     if args.action == "list":
         for name in benchmark_names():
-            console.print(name)
+            console.print(name, markup=False)
         return 0
     for name in args.names or benchmark_names():
-        console.print(load_task(name).summary())
+        console.print(load_task(name).summary(), markup=False)
     return 0

@@ -1,4 +1,4 @@
-"""``lpft predict RUN INPUTS.csv``: score new data with a run saved by ``lpft run --save RUN``."""
+"""``lpft predict RUN INPUTS.csv``: score new data with a run saved by ``lpft run --out RUN``."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import argparse
 import csv
 from pathlib import Path
 
+from lpft.commands.common import add_deprecated_alias, add_device_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict classes for new inputs with a saved run")
-    p.add_argument("run", type=Path, help="a run folder written by `lpft run ... --save DIR`")
+    p.add_argument("run", type=Path, help="a run folder written by `lpft run ... --out DIR`")
     p.add_argument("inputs", type=Path,
                    help="a CSV with the task's input column (text, or path for images, relative to the CSV); "
                         "a label column, if present, is scored")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write predictions here (default: <inputs>.predictions.csv beside the inputs)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--csv", type=Path, default=None, metavar="FILE",
+                   help="write the predictions to this CSV (default: <inputs>.predictions.csv beside the inputs)")
+    add_deprecated_alias(p, "--out", "--csv", dest="csv")
+    add_device_argument(p)
     p.set_defaults(func=main)
 
 
@@ -31,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     from lpft.runs.artifacts import load_model, load_run
     from lpft.training import predict_logits
 
-    out = check_writable(args.out or args.inputs.with_suffix(".predictions.csv"), "--out")
+    out = check_writable(args.csv or args.inputs.with_suffix(".predictions.csv"), "--csv")
     model, classes = load_model(args.run)
     temperature = load_run(args.run).record.metrics.get("id_val", {}).get("temperature", 1.0)
     modality = model.backbone.modality
@@ -46,7 +49,8 @@ def main(args: argparse.Namespace) -> int:
         writer.writerow([INPUT_COLUMN[modality], "predicted", "confidence", *(f"p({c})" for c in classes)])
         for value, k, p in zip(rows.inputs, predicted, probs):
             writer.writerow([value, classes[k], f"{p[k]:.4f}", *(f"{x:.4f}" for x in p)])
-    console.print(f"wrote {len(predicted)} predictions to {out} (probabilities temperature-scaled, T={temperature:.3g})")
+    console.print(f"wrote {len(predicted)} predictions to {out} "
+                  f"(probabilities temperature-scaled, T={temperature:.3g})", markup=False)
     if all(rows.labels):
         known = [label in classes for label in rows.labels]
         hits = [classes[k] == label for k, label in zip(predicted, rows.labels)]

@@ -1,4 +1,4 @@
-"""``lpft report DB``: paper-style tables (Markdown, CSV, HTML), a per-trial CSV and plots from a results database."""
+"""``lpft report DB``: paper-style tables (Markdown, CSV, HTML) and plots from a results database."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.table import Table
-from rich.text import Text
+from lpft.commands.common import add_rules_argument
 
-from lpft.commands.common import console
-from lpft.results.report import Report, load_results, sweep_names, write_report
-from lpft.results.tables import INTERVAL_NOTE, ResultTable
-from lpft.results.selection import SelectionRule, create_rule
+if TYPE_CHECKING:
+    from rich.table import Table
 
-DEFAULT_RULES = "id-val,last-epoch,oracle"
+    from lpft.results.report import Report
+    from lpft.results.selection import SelectionRule
+    from lpft.results.tables import ResultTable
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,35 +23,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("db", type=Path, help="the SQLite results database a sweep wrote")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: 'report' beside the database)")
     add_rules_argument(p)
-    p.add_argument("--sweep", default=None, help="only trials of this sweep name")
+    p.add_argument("--sweep", default=None, help="only trials of this sweep name (default: every sweep)")
     p.set_defaults(func=main)
 
 
-def add_rules_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--rules", default=DEFAULT_RULES,
-        help="comma-separated selection rules, the first one drives the plots: id-val (headline), last-epoch, "
-             f"oracle or oracle:ood/<name> (always labelled oracle). Default: {DEFAULT_RULES}",
-    )
-
-
 def parse_rules(text: str) -> list[SelectionRule]:
+    from lpft.results.selection import create_rule
+
     return [create_rule(r.strip()) for r in text.split(",") if r.strip()]
 
 
 def rich_table(table: ResultTable) -> Table:
     """A result table for the terminal; oracle tables are titled and styled as such, and the caption
-    carries the table's warnings (too few seeds, clipped intervals). Names are plain text, never markup."""
+    carries the table's warnings (too few seeds, clipped intervals). Names are plain text, never
+    markup, and long cells fold instead of being cut."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from lpft.results.tables import INTERVAL_NOTE
+
     caption = Text()
     caption.append(INTERVAL_NOTE, style="dim")
     for warning in table.warnings:
         caption.append("\n" + warning, style="bold yellow")
     out = Table(title=Text(table.title), title_style="bold red" if table.oracle else "bold", caption=caption,
                 caption_style="", caption_justify="left")  # no dim caption style: the warnings stand out
-    out.add_column("method")
+    out.add_column("method", overflow="fold")
     for header in table.headers:
-        out.add_column(Text(header), justify="right")
-    out.add_column("selected")
+        out.add_column(Text(header), justify="right", overflow="fold")
+    out.add_column("selected", overflow="fold")
     out.add_column("seeds", justify="right")
     for row in table.rows:
         out.add_row(*(Text(x) for x in (row.label, *table.texts(row), row.chosen, row.seeds_text)))
@@ -59,6 +59,10 @@ def rich_table(table: ResultTable) -> Table:
 
 
 def print_report(report: Report, tables: Sequence[ResultTable] | None = None) -> None:
+    from rich.text import Text
+
+    from lpft.commands.common import console
+
     for table in tables if tables is not None else report.tables:
         console.print(rich_table(table))
     console.print(Text(f"wrote {report.markdown}, {report.csv}, {report.trials_csv}, {report.html} "
@@ -66,6 +70,8 @@ def print_report(report: Report, tables: Sequence[ResultTable] | None = None) ->
 
 
 def main(args: argparse.Namespace) -> int:
+    from lpft.results.report import load_results, sweep_names, write_report
+
     out = args.out or args.db.parent / "report"
     report = write_report(load_results(args.db, args.sweep), out, parse_rules(args.rules),
                           title=f"lpft report: {args.db.name}", sweeps=sweep_names(args.db, args.sweep),

@@ -10,15 +10,16 @@ an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lpft.commands.common import console
-from lpft.commands.report import add_rules_argument, parse_rules, print_report
-from lpft.results.report import load_results, write_report
-from lpft.results.spec import SweepSpec, load_spec
-from lpft.results.sweep import run_sweep
+from lpft.commands.common import add_device_argument, add_rules_argument
+
+if TYPE_CHECKING:
+    from lpft.results.spec import SweepSpec
 
 FULL_SUFFIX = "-full"
 
@@ -32,6 +33,8 @@ def packaged_benchmarks() -> list[str]:
 
 def packaged_spec(benchmark: str, full: bool) -> SweepSpec:
     """The bundled sweep spec of a benchmark (``-full`` variant with ``full``)."""
+    from lpft.results.spec import load_spec
+
     name = f"{benchmark}{FULL_SUFFIX if full else ''}.yaml"
     with resources.as_file(resources.files("lpft") / "reproduce" / name) as path:
         return load_spec(path)
@@ -41,15 +44,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="the paper's LP / FT / LP-FT protocol on every bundled benchmark")
     p.add_argument("--full", action="store_true", help="the paper's grids and epochs at full resolution (for a GPU)")
     benchmarks = packaged_benchmarks()
-    p.add_argument("--benchmarks", nargs="+", choices=benchmarks, default=benchmarks,
-                   help="which bundled benchmarks (default: all)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/reproduce[-full])")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--benchmarks", nargs="+", choices=benchmarks, default=benchmarks, metavar="NAME",
+                   help=f"which bundled benchmarks: {', '.join(benchmarks)} (default: all)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="folder for the results database and the report (default: runs/reproduce[-full])")
+    add_device_argument(p, default=None, when_none="each spec's, else auto")
     add_rules_argument(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from lpft.commands.common import console
+    from lpft.commands.report import parse_rules, print_report
+    from lpft.results.report import load_results, write_report
+    from lpft.results.sweep import run_sweep
+
     start = time.perf_counter()
     out = args.out or Path("runs") / ("reproduce-full" if args.full else "reproduce")
     db = out / "results.sqlite"
@@ -63,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
                       f"{summary.failed} failed) in {summary.seconds:.0f}s")
     trials = [t for spec in specs for t in load_results(db, spec.name)]
     report = write_report(trials, out, parse_rules(args.rules), image_prefix="reproduce_",
-                          title="lpft reproduce" + (" --full" if args.full else ""))
+                          title="lpft reproduce" + (" --full" if args.full else ""), sweeps=specs, command=sys.argv, db=db)
     print_report(report)
     console.print(f"wall time {time.perf_counter() - start:.0f}s; results database {db}")
     return 1 if failed else 0

@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from lpft.commands.common import console
-from lpft.commands.report import add_rules_argument, parse_rules, print_report
-from lpft.results.report import load_results, write_report
-from lpft.results.spec import load_spec
-from lpft.results.sweep import run_sweep
+from lpft.commands.common import add_device_argument, add_rules_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a sweep spec (YAML); re-running resumes, skipping finished trials")
     p.add_argument("spec", type=Path, help="sweep spec YAML (task, backbones, methods and grids, seeds)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<sweep name>)")
-    p.add_argument("--db", type=Path, default=None, help="results database (default: <out>/results.sqlite)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the spec's, else auto)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="folder for the results database and the report (default: runs/<sweep name>)")
+    p.add_argument("--db", type=Path, default=None, metavar="FILE",
+                   help="results database (default: DIR/results.sqlite)")
+    add_device_argument(p, default=None, when_none="the spec's, else auto")
     p.add_argument("--no-report", action="store_true", help="only run the trials")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="run trials one after another here (default) or as Ray tasks (pip install 'lpft[ray]'; docs/scale.md)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start a local instance)")
+                   help="run trials one after another here or as Ray tasks (pip install 'lpft[ray]'; docs/scale.md)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. auto (default: start a local instance)")
     p.add_argument("--ray-gpus-per-trial", type=float, default=0.0, help="GPUs Ray reserves for each trial")
     add_rules_argument(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from lpft.commands.common import console
+    from lpft.commands.report import parse_rules, print_report
+    from lpft.results.report import load_results, write_report
+    from lpft.results.spec import load_spec
+    from lpft.results.sweep import run_sweep
+
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / spec.name
     db = args.db or out / "results.sqlite"
@@ -39,10 +45,10 @@ def main(args: argparse.Namespace) -> int:
         summary = run_sweep(spec, db, args.device)
     console.print(
         f"sweep {spec.name}: {summary.total} trials, {summary.skipped} already finished, {summary.finished} run now, "
-        f"{summary.failed} failed ({summary.seconds:.0f}s); results in {db}"
+        f"{summary.failed} failed ({summary.seconds:.0f}s); results in {db}", markup=False,
     )
     if not args.no_report:
         report = write_report(load_results(db, spec.name), out / "report", parse_rules(args.rules),
-                              title=f"lpft sweep: {spec.name}")
+                              title=f"lpft sweep: {spec.name}", sweeps=[spec], command=sys.argv, db=db)
         print_report(report)
     return 1 if summary.failed else 0

@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lpft.features import progress_disabled
 from lpft.methods import method_config
 from lpft.results.spec import SweepSpec
 from lpft.results.store import Store
@@ -133,7 +134,7 @@ def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, p
     log.info("sweep %s: %d trials, %d already finished, %d to run", spec.name, len(trials),
              len(trials) - len(pending), len(pending))
     outcomes = {"finished": 0, "failed": 0, "skipped": 0}
-    bar = tqdm(pending, desc=f"sweep {spec.name}", unit="trial", disable=not progress)
+    bar = tqdm(pending, desc=f"sweep {spec.name}", unit="trial", disable=progress_disabled(progress))
     for trial in bar:
         bar.set_postfix_str(trial.label)
         outcomes[run_trial(trial, db_path, device or spec.device)] += 1

@@ -134,11 +134,11 @@ def load_run(path: Path | str) -> RunArtifacts:
     path = Path(path)
     meta_path = path / RUN_FILE
     if not meta_path.is_file():
-        raise RunError(f"{path} is not a saved run: no {RUN_FILE} (save one with `lpft run ... --save DIR`)")
+        raise RunError(f"{path} is not a saved run: no {RUN_FILE} (save one with `lpft run ... --out DIR`)")
     try:
         meta = json.loads(meta_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunError(f"{meta_path} is not valid JSON ({exc}); save the run again with `lpft run ... --save DIR`") from exc
+        raise RunError(f"{meta_path} is not valid JSON ({exc}); save the run again with `lpft run ... --out DIR`") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise RunError(f"{meta_path}: format {found!r}, this lpft reads format {FORMAT_VERSION}")
@@ -193,7 +193,7 @@ def load_model(path: Path | str) -> tuple[Classifier, tuple[str, ...]]:
     classes = run.task.get("classes")
     if not classes or not (run.path / HEAD_FILE).is_file():
         raise RunError(f"{run.path} holds no reusable model (saved by an older lpft, or its method has no head); "
-                       "run it again with `lpft run ... --save DIR`")
+                       "run it again with `lpft run ... --out DIR`")
     pretrained, tuned = load_run_models(run, len(classes))
     if tuned is None:
         tuned = Classifier(pretrained, len(classes))

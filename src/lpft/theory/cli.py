@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lpft.commands.common import add_deprecated_alias, new_table
 from lpft.theory.simulate import METHODS, TheorySettings, simulate, summarise
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from rich.table import Table
+
 _DEFAULTS = TheorySettings()
 
 
@@ -24,11 +29,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "pretrained feature error eps. Writes every run to JSON and a figure of ID/OOD "
             "error and feature change."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out-dir", type=Path, default=Path("."), help="folder for default outputs")
-    p.add_argument("--out-json", type=Path, help="JSON path (default OUT_DIR/theory.json)")
-    p.add_argument("--out-png", type=Path, help="figure path (default OUT_DIR/theory.png)")
+    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="folder for theory.json and theory.png")
+    p.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="JSON path (default: DIR/theory.json)")
+    p.add_argument("--png", type=Path, metavar="FILE", help="figure path (default: DIR/theory.png)")
+    add_deprecated_alias(p, "--out-dir", "--out", dest="out")
+    add_deprecated_alias(p, "--out-json", "--json", dest="json_path")
+    add_deprecated_alias(p, "--out-png", "--png", dest="png")
     p.add_argument("--no-plot", action="store_true", help="skip the figure")
     p.add_argument("--eps", type=float, nargs="+", default=list(_DEFAULTS.eps),
                    help="feature errors min_U ||B0 - U B*||_F to sweep")
@@ -50,40 +57,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _print_table(result: dict) -> None:
+def summary_table(result: dict) -> Table:
     """Mean over seeds of ID/OOD error per eps and method."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="theory: mean over seeds (expected squared error)")
-    for col in ("eps", "method", "ID error", "OOD error", "feature change on S", "off S", "train MSE"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for (eps, method), st in summarise(result).items():
-        table.add_row(
-            f"{eps:g}", method, f"{st['id_error']:.2e}", f"{st['ood_error']:.2e}",
-            f"{st['feature_change_in_span']:.2e}", f"{st['feature_change_orthogonal']:.1e}",
-            f"{st['train_mse_max']:.1e}",
-        )
-    Console().print(table)
+    rows = [[method, f"{eps:g}", *(f"{st[key]:.2e}" for key in ("id_error", "ood_error", "feature_change_in_span")),
+             f"{st['feature_change_orthogonal']:.1e}", f"{st['train_mse_max']:.1e}"]
+            for (eps, method), st in summarise(result).items()]
+    return new_table("theory: mean over seeds (expected squared error)",
+                     ["method", "eps", "ID error", "OOD error", "feature change on S", "off S", "train MSE"], rows)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Simulate, write JSON (and the figure), print a summary table."""
+    """Simulate, write JSON (and the figure), print a summary table and one line saying what was written."""
+    from rich.console import Console  # not lpft.commands.common.console, which would import torch
+
     settings = TheorySettings(
         eps=tuple(args.eps), seeds=args.seeds, d=args.d, k=args.k, m=args.m, n=args.n,
         steps=args.steps, lr=args.lr, methods=tuple(dict.fromkeys(args.methods)),
         v_star_norm=args.v_star_norm, head_scale=args.head_scale, base_seed=args.seed,
     )
     start = time.perf_counter()
-    result = simulate(settings, progress=True)
-    out_json = args.out_json or args.out_dir / "theory.json"
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1))
-    logger.info("wrote %d runs to %s", len(result["runs"]), out_json)
+    # a bar only on a terminal and unless switched off, as lpft.features.progress_disabled decides for lpft's others
+    result = simulate(settings, progress=sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE"))
+    json_path = args.json_path or args.out / "theory.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    written = [json_path]
     if not args.no_plot:
         from lpft.theory.plot import plot_theory
 
-        logger.info("wrote figure %s", plot_theory(result, args.out_png or args.out_dir / "theory.png"))
-    _print_table(result)
-    logger.info("theory sweep took %.1f s", time.perf_counter() - start)
+        written.append(plot_theory(result, args.png or args.out / "theory.png"))
+    console = Console()
+    console.print(summary_table(result))
+    console.print(f"wrote {len(result['runs'])} runs to {' and '.join(map(str, written))} in "
+                  f"{time.perf_counter() - start:.1f} s", markup=False)
     return 0

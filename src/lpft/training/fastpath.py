@@ -21,6 +21,13 @@ class FastPath:
     fused_optimizer: bool
     data_on_device: bool
 
+    def summary(self) -> str:
+        """The levers in one short human line."""
+        levers = [(str(self.autocast_dtype).removeprefix("torch.") + " autocast") if self.autocast_dtype else "fp32"]
+        levers += [name for name, on in (("channels_last", self.channels_last), ("compiled", self.compile),
+                                         ("fused optimiser", self.fused_optimizer), ("data on device", self.data_on_device)) if on]
+        return ", ".join(levers)
+
     def describe(self) -> dict[str, Any]:
         """The resolved levers as plain data (recorded with the run)."""
         return {"autocast": str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else "fp32",

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lpft.features import SplitData, to_device
+from lpft.features import SplitData, progress_disabled, to_device
 from lpft.data.splits import SELECTION_SPLIT
 from lpft.errors import RunError
 from lpft.training import distributed
@@ -58,12 +58,14 @@ OptimizerFactory = Callable[[Classifier, FinetuneConfig, FastPath], torch.optim.
 
 @torch.inference_mode()
 def predict_logits(
-    model: Classifier, data: SplitData, device: torch.device, batch_size: int = 256, fast: FastPath | None = None
+    model: Classifier, data: SplitData, device: torch.device, batch_size: int = 256, fast: FastPath | None = None,
+    desc: str = "predict", progress: bool = True,
 ) -> np.ndarray:
     """Logits ``[N, C]`` (float32) for a whole split, in eval mode, batched under inference mode.
 
     ``fast`` applies the run's autocast and memory format (default: plain fp32). Under DDP
     every rank scores its shard and all ranks receive the whole array, so all must call this.
+    With ``progress``, a bar named ``desc`` shows once scoring has taken more than a second.
     """
     ctx = distributed.context(device)
     part = distributed.shard(len(data), ctx)
@@ -72,7 +74,8 @@ def predict_logits(
     out = []
     channels_last = fast is not None and fast.channels_last
     with fast.autocast(device) if fast is not None else contextlib.nullcontext():
-        for start in range(part.start, part.stop, batch_size):
+        for start in tqdm(range(part.start, part.stop, batch_size), desc=desc, unit="batch", leave=False, delay=1,
+                          disable=progress_disabled(progress and ctx.is_main)):
             index = np.arange(start, min(start + batch_size, part.stop))
             out.append(model(to_device(data.batch(index), device, channels_last)).float())
     model.train(was_training)
@@ -176,7 +179,7 @@ def finetune(
     ctx = distributed.context(device)
     fast = resolve_fast_path(config, model.backbone, device)
     result = FinetuneResult(fast_path=fast.describe())
-    log.info("fast path: %s", fast)
+    log.info("fine-tune on %s: %s", device, fast.summary())
     model.to(device)
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -219,7 +222,8 @@ def finetune(
 
     def score(epoch: int, train_loss: float | None) -> None:
         tracked = evals if config.eval_all_splits_each_epoch else {SELECTION_SPLIT: evals[SELECTION_SPLIT]}
-        logits = {k: predict_logits(model, d, device, config.eval_batch_size, fast) for k, d in tracked.items()}
+        logits = {k: predict_logits(model, d, device, config.eval_batch_size, fast,
+                                 desc=f"evaluate {k}", progress=progress) for k, d in tracked.items()}
         accuracy = {k: float((v.argmax(1) == evals[k].split.labels).mean()) for k, v in logits.items()}
         result.history.append({"epoch": epoch, "train_loss": train_loss, "accuracy": accuracy})
         log.info("epoch %d/%d  loss %s  %s", epoch, config.epochs, "-" if train_loss is None else f"{train_loss:.4f}",
@@ -240,7 +244,8 @@ def finetune(
 
     score(0, None)  # the starting model (LP-FT: the linear probe) is a candidate too
     step = 0
-    bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=not (progress and ctx.is_main), leave=False)
+    bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=progress_disabled(progress and ctx.is_main),
+               leave=False)
     for epoch in range(1, config.epochs + 1):
         net.train()
         set_batchnorm_mode(model, config.bn_mode)
@@ -281,5 +286,6 @@ def finetune(
         model.to(memory_format=torch.contiguous_format)  # hand back the layout we were given
     model.eval()
     for key in evals.keys() - result.logits.keys():
-        result.logits[key] = predict_logits(model, evals[key], device, config.eval_batch_size, fast)
+        result.logits[key] = predict_logits(model, evals[key], device, config.eval_batch_size, fast,
+                                            desc=f"evaluate {key}", progress=progress)
     return result
