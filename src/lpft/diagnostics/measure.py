@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lpft.backbones import Backbone
+from lpft.backbones.base import block_name
 from lpft.data import Split, Task
 from lpft.data.splits import ID_TEST, ID_VAL, is_ood
 from lpft.evaluation.metrics import feature_change, reliability_bins
@@ -92,16 +93,6 @@ def ood_id_ratio(changes: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
         for key, v in changes.items()
         if is_ood(key)
     }
-
-
-def block_name(parameter: str) -> str:
-    """The block a parameter belongs to: its name up to the first numeric part (``layer1.0``,
-    ``net._blocks.3``, ``encoder.layer.5``), else its module (``net._conv_stem``)."""
-    parts = parameter.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1]) or parameter
 
 
 def weight_change(pretrained: nn.Module, tuned: nn.Module) -> dict[str, Any]:
