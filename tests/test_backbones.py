@@ -34,3 +34,14 @@ def test_local_weights_file_round_trip(tmp_path):
 def test_unknown_backbone():
     with pytest.raises(BackboneError, match="unknown backbone"):
         create_backbone("resnet-9000")
+
+
+def test_timm_transformer_follows_the_image_size():
+    """A ViT's patch grid is fixed at its native size; at another --image-size it must still run, not just resize."""
+    import numpy as np
+
+    backbone = create_backbone("timm:test_vit", weights="random", image_size=64).eval()
+    batch = backbone.preprocess(np.zeros((2, 40, 40, 3), dtype=np.uint8))
+    assert batch.shape[-2:] == (64, 64)
+    with torch.no_grad():
+        assert backbone.features(batch).shape == (2, backbone.feature_dim)

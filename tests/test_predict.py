@@ -47,3 +47,24 @@ def test_saved_run_predicts_what_it_scored(method, png_task, cache, tmp_path):
 def test_a_run_without_a_model_cannot_predict(tmp_path):
     with pytest.raises(RunError, match="not a saved run"):
         load_model(tmp_path)
+
+
+def test_a_saved_run_is_never_mixed_with_an_older_one(png_task, cache, tmp_path, capsys):
+    """Saving LP over an FT run is refused; with --overwrite nothing of the FT run survives (its weights)."""
+    run_dir = tmp_path / "run"
+    common = ["--backbone", "efficientnet-lite0", "--image-size", "32", "--device", "cpu", "--out", str(run_dir)]
+    assert cli_main(["run", str(png_task), "--method", "ft", "--epochs", "1", "--batch-size", "16", *common]) == 0
+    assert (run_dir / WEIGHTS_FILE).is_file()
+    assert cli_main(["run", str(png_task), "--method", "lp", *common]) == 2
+    assert "already holds a saved run" in capsys.readouterr().err
+    assert cli_main(["run", str(png_task), "--method", "lp", *common, "--overwrite"]) == 0
+    assert not (run_dir / WEIGHTS_FILE).exists() and load_run(run_dir).record.method == "lp"
+
+
+def test_outputs_are_checked_before_any_work(png_task, cache, tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert cli_main(["run", str(png_task), "--backbone", "efficientnet-lite0", "--method", "lp",
+                     "--json", str(blocked / "out.json")]) == 2
+    assert "--json" in capsys.readouterr().err
+    assert not (cache / "features").exists(), "nothing was extracted before the output was found unwritable"

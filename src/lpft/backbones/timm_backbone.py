@@ -18,7 +18,7 @@ class TimmBackbone(PooledImageBackbone):
                 "weights=/path/to/model.safetensors (or a torch state dict), weights='download' to fetch "
                 "the pretrained weights, or weights='random' for an untrained network."
             )
-        net = timm.create_model(model, pretrained=weights == "download", num_classes=0)
+        net = _create(timm, model, weights == "download", image_size)
         if weights not in {"download", "random"}:
             state = load_weights_file(weights)
             state = {k: v for k, v in state.items() if not k.startswith(_classifier_prefixes(net))}
@@ -47,6 +47,17 @@ class TimmBackbone(PooledImageBackbone):
         grouped = [[(f"net.{n}", named[f"net.{n}"]) for n in names if f"net.{n}" in named]
                    for _, names in sorted(groups.items())]
         return name_blocks([g for g in grouped if g], list(named))
+
+
+def _create(timm, model: str, pretrained: bool, image_size: int | None):
+    """The timm model; at a given ``image_size``, transformers with a fixed patch grid get a dynamic
+    one (position embeddings interpolated), since a resize alone would not fit them. CNNs take any size."""
+    if image_size is not None:
+        try:
+            return timm.create_model(model, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
+        except TypeError:  # not a patch-grid model: its constructor has no dynamic_img_size
+            pass
+    return timm.create_model(model, pretrained=pretrained, num_classes=0)
 
 
 def _classifier_prefixes(net) -> tuple[str, ...]:
