@@ -179,7 +179,7 @@ def finetune(
     ctx = distributed.context(device)
     fast = resolve_fast_path(config, model.backbone, device)
     result = FinetuneResult(fast_path=fast.describe())
-    log.info("fine-tune on %s: %s", device, fast.summary())
+    log.info("training on %s: %s", device, fast.summary())
     model.to(device)
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)
