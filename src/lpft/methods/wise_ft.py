@@ -44,7 +44,7 @@ class WiseFTConfig(LPFTConfig):
     (``PAPER_FINETUNE["lr"]``).
     """
 
-    tune: str = setting("lpft", "the method whose result theta_tuned WiSE-FT interpolates towards",
+    tune: str = setting("lpft", "WiSE-FT: the method that produces theta_tuned, interpolated towards from the LP start",
                         choices=tuple(TUNED_BY))
     alpha_steps: int = setting(10, "WiSE-FT alpha grid: i / alpha_steps for i = 0..alpha_steps (10: 0, 0.1, ..., 1)",
                                minimum=1)
@@ -56,7 +56,9 @@ class WiseFTConfig(LPFTConfig):
         return [i / self.alpha_steps for i in range(self.alpha_steps + 1)]
 
 
-def interpolate(start: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def interpolate(
+    start: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """``(1 - alpha) * start + alpha * tuned`` for every floating-point entry of two state dicts.
 
     That covers parameters and float buffers (BatchNorm's running mean and variance); other
@@ -90,6 +92,7 @@ class WiseFT(Method):
         return cls(cls.config_class(**{k: v for k, v in self.config.to_dict().items() if k in settings}))
 
     def fit(self, task: Task, backbone: Backbone, device: torch.device) -> MethodResult:
+        """Fit the probe (theta_0's head), tune once, score every alpha on every split, keep the best on id_val."""
         probe, _ = fit_linear_probe(task, backbone, device)
         start = Classifier(backbone, task.num_classes)  # theta_0: the given backbone itself, only read
         start.set_head(probe.coef_, probe.intercept_)
@@ -119,7 +122,8 @@ class WiseFT(Method):
         model.load_state_dict(interpolate(start_state, tuned_state, alpha))
         model.eval()
         log.info("WiSE-FT: alpha %.3g chosen on %s (accuracy %.4f; theta_0 %.4f, %s %.4f)", alpha, ID_VAL,
-                 best["accuracy"][ID_VAL], curve[0]["accuracy"][ID_VAL], self.config.tune, curve[-1]["accuracy"][ID_VAL])
+                 best["accuracy"][ID_VAL], curve[0]["accuracy"][ID_VAL], self.config.tune,
+                 curve[-1]["accuracy"][ID_VAL])
         return MethodResult(
             logits=logits,
             selected={"alpha": alpha, "epoch": tuned.selected["epoch"], "lp_C": float(probe.best_C_)},
