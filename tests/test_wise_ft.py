@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-
 from lpft.backbones import Backbone, create_backbone
 from lpft.cli import build_parser
 from lpft.data import Task
