@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from lpft.backbones.base import Backbone
+from lpft.config import setting
 from lpft.data.task import Task
 from lpft.features import SplitData
 from lpft.methods.base import Method, MethodResult, register_method
@@ -114,3 +115,24 @@ class LinearProbeThenFineTune(FineTuning):
         model.set_head(probe.coef_, probe.intercept_)
         log.info("LP stage: C=%.3g, id_val accuracy %.4f", probe.best_C_, probe.val_accuracy_)
         return {"lp_C": float(probe.best_C_)}
+
+
+HEADS = ("random", "lp")
+
+
+@dataclass
+class HeadChoiceConfig(FinetuneConfig):
+    """FT's settings plus where the head starts: FT's random head or LP-FT's linear probe."""
+
+    head: str = setting("random", "head start: 'random' (as FT) or 'lp', the linear probe's head (as LP-FT)",
+                        choices=HEADS)
+
+
+class HeadChoiceFineTuning(FineTuning):
+    """FT's loop from the head ``config.head`` names: FT's or LP-FT's ``init_head``, reused as is."""
+
+    config: HeadChoiceConfig
+
+    def init_head(self, model: Classifier, task: Task, backbone: Backbone, device: torch.device) -> dict:
+        start = LinearProbeThenFineTune if self.config.head == "lp" else FineTuning
+        return start.init_head(self, model, task, backbone, device)

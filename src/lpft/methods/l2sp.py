@@ -18,35 +18,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lpft.backbones.base import Backbone
 from lpft.config import setting
-from lpft.data.task import Task
 from lpft.methods.base import register_method
-from lpft.methods.finetuning import FineTuning, LinearProbeThenFineTune
-from lpft.training import Classifier, FinetuneConfig
+from lpft.methods.finetuning import HeadChoiceConfig, HeadChoiceFineTuning
+from lpft.training import Classifier
 from lpft.training.config import PAPER_FINETUNE
 from lpft.training.loop import Penalty
-
-HEADS = ("random", "lp")
-
-
-@dataclass
-class HeadChoiceConfig(FinetuneConfig):
-    """FT's settings plus where the head starts: FT's random head or LP-FT's linear probe."""
-
-    head: str = setting("random", "head start: 'random' (as FT) or 'lp', the linear probe's head (as LP-FT)",
-                        choices=HEADS)
-
-
-class HeadChoiceFineTuning(FineTuning):
-    """FT's loop from the head ``config.head`` names: FT's or LP-FT's ``init_head``, reused as is."""
-
-    config: HeadChoiceConfig
-
-    def init_head(self, model: Classifier, task: Task, backbone: Backbone, device: torch.device) -> dict:
-        start = LinearProbeThenFineTune if self.config.head == "lp" else FineTuning
-        return start.init_head(self, model, task, backbone, device)
-
 
 @dataclass
 class L2SPConfig(HeadChoiceConfig):

@@ -27,7 +27,7 @@ from lpft.config import setting
 from lpft.data.task import Task
 from lpft.errors import BackboneError, ConfigError
 from lpft.methods.base import MethodResult, register_method
-from lpft.methods.finetuning import FineTuning, LinearProbeThenFineTune
+from lpft.methods.finetuning import HeadChoiceConfig, HeadChoiceFineTuning
 from lpft.training import Classifier, FastPath, FinetuneConfig
 from lpft.training.config import PAPER_FINETUNE
 from lpft.training.loop import optimizer_for
@@ -41,7 +41,7 @@ SUPPORTED = ("text encoders whose model type PEFT has LoRA targets for (minilm-l
 
 
 @dataclass
-class LoRAConfig(FinetuneConfig):
+class LoRAConfig(HeadChoiceConfig):
     """FT's loop settings plus the adapters' shape; AdamW and a higher learning-rate grid than full FT.
 
     Only the adapters and the head train, starting from the pretrained function, so LoRA takes
@@ -54,8 +54,6 @@ class LoRAConfig(FinetuneConfig):
     alpha: float = setting(16.0, "LoRA alpha (peft's lora_alpha): the adapters' update is scaled by alpha / rank",
                            above=0.0)
     dropout: float = setting(0.1, "dropout on the adapters' input (peft's lora_dropout), in [0, 1)", minimum=0.0)
-    head: str = setting("random", "head start: 'random' (as FT) or 'lp', the linear probe's head (LP then LoRA)",
-                        choices=("random", "lp"))
 
     default_grid: ClassVar[dict[str, Any]] = {
         **PAPER_FINETUNE, "optimizer": "adamw", "lr": [1e-4, 3e-4, 1e-3, 3e-3], "rank": [4, 8, 16],
@@ -95,17 +93,11 @@ def lora_targets(backbone: Backbone) -> tuple[str, list[str] | str]:
 
 
 @register_method("lora", label="LoRA")
-class LoRA(FineTuning):
+class LoRA(HeadChoiceFineTuning):
     """Inject LoRA adapters into a copy of the backbone; train adapters and head with FT's loop."""
 
     config_class = LoRAConfig
     config: LoRAConfig
-
-    def init_head(self, model: Classifier, task: Task, backbone: Backbone, device: torch.device) -> dict:
-        """A random head (as FT), or with ``head="lp"`` the probe's head fitted on the pretrained ``backbone`` (as LP-FT)."""
-        if self.config.head == "lp":
-            return LinearProbeThenFineTune.init_head(self, model, task, backbone, device)
-        return super().init_head(model, task, backbone, device)
 
     def initial_model(self, task: Task, backbone: Backbone, device: torch.device) -> tuple[Classifier, dict]:
         """FT's start (a deep copy of ``backbone`` and the head), then adapters injected into that copy only."""

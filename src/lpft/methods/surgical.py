@@ -21,7 +21,7 @@ from lpft.config import setting
 from lpft.data.task import Task
 from lpft.errors import BackboneError
 from lpft.methods.base import MethodResult, register_method
-from lpft.methods.l2sp import HeadChoiceConfig, HeadChoiceFineTuning
+from lpft.methods.finetuning import HeadChoiceConfig, HeadChoiceFineTuning
 from lpft.training import Classifier, FastPath, FinetuneConfig
 from lpft.training.config import PAPER_FINETUNE
 from lpft.training.loop import optimizer_for
