@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lpft.backbones.base import Backbone, _load_rgb
+from lpft.backbones.base import Backbone
+from lpft.data.images import load_rgb
 from lpft.data import Split, TaskError
 from lpft.data.files import load_task_yaml
 from lpft.features import cached_features, feature_cache_key
@@ -197,7 +198,7 @@ def test_16_bit_gradient_keeps_its_levels(tmp_path):
     values = np.linspace(0, 65535, 576).round().astype(np.uint16).reshape(24, 24)
     Image.fromarray(values).save(tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").mode == "I;16"
-    rgb = _load_rgb(tmp_path / "g.png")
+    rgb = load_rgb(tmp_path / "g.png")
     assert rgb.shape == (24, 24, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(rgb[..., 0], np.rint(values / 65535 * 255).astype(np.uint8))
     assert len(np.unique(rgb)) == 256
@@ -211,14 +212,14 @@ def test_modes_without_a_bit_depth_are_scaled_to_their_range(tmp_path, mode, val
     img = Image.fromarray(values.reshape(16, 16))
     assert img.mode == mode
     img.save(tmp_path / "x.tif")
-    grey = _load_rgb(tmp_path / "x.tif")[..., 0]
+    grey = load_rgb(tmp_path / "x.tif")[..., 0]
     np.testing.assert_array_equal(grey.ravel(), np.rint(values / full_scale * 255).astype(np.uint8))
 
 
 def test_out_of_range_float_image_is_refused_naming_the_file(tmp_path):
     Image.fromarray(np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "signed.tif")
     with pytest.raises(TaskError, match=r"signed.tif: mode F values span -1..1, outside 0..65535"):
-        _load_rgb(tmp_path / "signed.tif")
+        load_rgb(tmp_path / "signed.tif")
 
 
 def test_16_bit_rgb_png_keeps_the_high_byte(tmp_path):
@@ -236,23 +237,23 @@ def test_16_bit_rgb_png_keeps_the_high_byte(tmp_path):
     (tmp_path / "rgb16.png").write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     )
-    np.testing.assert_array_equal(_load_rgb(tmp_path / "rgb16.png"), samples.astype(np.uint32) >> 8)
+    np.testing.assert_array_equal(load_rgb(tmp_path / "rgb16.png"), samples.astype(np.uint32) >> 8)
 
 
 def test_transparency_is_composited_on_white(tmp_path):
     rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))  # transparent black
     rgba.putpixel((1, 0), (255, 0, 0, 128))  # half-transparent red
     rgba.save(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(_load_rgb(tmp_path / "rgba.png")[0], [[255, 255, 255], [255, 127, 127]])
+    np.testing.assert_array_equal(load_rgb(tmp_path / "rgba.png")[0], [[255, 255, 255], [255, 127, 127]])
 
     Image.new("LA", (1, 1), (0, 0)).save(tmp_path / "la.png")
-    np.testing.assert_array_equal(_load_rgb(tmp_path / "la.png")[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(load_rgb(tmp_path / "la.png")[0, 0], [255, 255, 255])
 
     palette = Image.new("P", (2, 1), 0)
     palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
     palette.putpixel((1, 0), 1)
     palette.save(tmp_path / "p.png", transparency=0)  # palette entry 0 (black) is transparent
-    np.testing.assert_array_equal(_load_rgb(tmp_path / "p.png")[0], [[255, 255, 255], [0, 0, 255]])
+    np.testing.assert_array_equal(load_rgb(tmp_path / "p.png")[0], [[255, 255, 255], [0, 0, 255]])
 
 
 # --- the feature cache ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lpft.backbones.base import Backbone, Batch
+from lpft.data.images import input_identity
 from lpft.data.task import Split
 from lpft.paths import cache_dir, remove_stale_temps, write_atomic
 
@@ -26,13 +27,13 @@ log = logging.getLogger(__name__)
 
 PRELOAD_LIMIT_BYTES = 1 << 30  # preprocess a split up front when its tensors fit in 1 GiB
 # Part of every cache key. Bump when entries or the reading of inputs change: 2 added the
-# checksummed sidecar and the 16-bit and alpha-aware image decoding of backbones.base._load_rgb.
+# checksummed sidecar and the 16-bit and alpha-aware image decoding of data.images.load_rgb.
 CACHE_FORMAT = 2
 FEATURE_DTYPE = np.dtype(np.float32)
 
 
 def split_digest(split: Split) -> str:
-    """sha256 over a split's inputs: array bytes, strings, or file paths with size and mtime."""
+    """sha256 over a split's inputs: array bytes, texts, or each image's :func:`~lpft.data.images.input_identity`."""
     h = hashlib.sha256()
     inputs = split.inputs
     if isinstance(inputs, np.ndarray):
@@ -40,11 +41,10 @@ def split_digest(split: Split) -> str:
         h.update(np.ascontiguousarray(inputs).tobytes())
     else:
         for item in inputs:
-            if isinstance(item, Path):
-                stat = item.stat()
-                h.update(f"{item.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            if isinstance(item, str):
+                h.update(item.encode("utf-8") + b"\x00")
             else:
-                h.update(str(item).encode("utf-8") + b"\x00")
+                h.update(f"{input_identity(item)}\n".encode())
     return h.hexdigest()
 
 

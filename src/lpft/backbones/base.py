@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from lpft.errors import BackboneError, TaskError
+from lpft.data.images import load_rgb
+from lpft.errors import BackboneError
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 NamedParameters = list[tuple[str, nn.Parameter]]
@@ -160,11 +160,11 @@ class ImageBackbone(Backbone):
         return f"bilinear-resize={self.image_size};mean={mean};std={std}"
 
     def preprocess(self, inputs: Sequence | np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` arrays or image paths (read by :func:`_load_rgb`) -> float ``[N, 3, S, S]``."""
+        """uint8 ``[N, H, W, 3]`` arrays or image files (read by :func:`~lpft.data.images.load_rgb`) -> float ``[N, 3, S, S]``."""
         if isinstance(inputs, np.ndarray):
             x = self._resize(torch.from_numpy(np.ascontiguousarray(inputs)).permute(0, 3, 1, 2))
         else:  # files may differ in size: resize one by one, then stack
-            x = torch.cat([self._resize(torch.from_numpy(_load_rgb(p)).permute(2, 0, 1)[None]) for p in inputs])
+            x = torch.cat([self._resize(torch.from_numpy(load_rgb(p)).permute(2, 0, 1)[None]) for p in inputs])
         return (x - self._mean.cpu()) / self._std.cpu()
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,49 +193,6 @@ class PooledImageBackbone(ImageBackbone):
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         return self.net(batch)
-
-
-BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto: white, as a page shows them
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-
-
-def _load_rgb(path: Path | str) -> np.ndarray:
-    """An image file as ``uint8`` RGB ``[H, W, 3]``; nothing is clipped, transparency is resolved.
-
-    - 16-bit greyscale (modes ``I;16``, ``I;16B``, ...) is scaled to 8 bits, ``round(v * 255 / 65535)``.
-    - Modes ``I`` (32-bit integer) and ``F`` (float) record no bit depth, so the full scale is the
-      smallest of 1.0 (``F`` only), 255 and 65535 that holds the image's largest value; values that
-      are negative, not finite or above 65535 are refused (:class:`TaskError`, naming the file).
-    - Images with transparency (RGBA, LA, PA, or P / L / RGB with a transparent colour) are
-      composited onto :data:`BACKGROUND` (white), so a transparent pixel reads as white rather
-      than as whatever colour is stored under alpha 0.
-    - Every other mode (1, L, P, RGB, CMYK, YCbCr, ...) is converted by PIL. 16-bit RGB(A) PNGs
-      already open as 8-bit RGB(A), PIL keeping each sample's high byte.
-    """
-    with Image.open(path) as img:
-        if img.mode.startswith("I") or img.mode == "F":
-            grey = _to_uint8(np.asarray(img), img.mode, path)
-            return np.repeat(grey[..., None], 3, axis=-1)
-        if img.mode in _ALPHA_MODES or "transparency" in img.info:
-            background = Image.new("RGBA", img.size, (*BACKGROUND, 255))
-            return np.asarray(Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")).copy()
-        return np.asarray(img.convert("RGB")).copy()
-
-
-def _to_uint8(values: np.ndarray, mode: str, path: Path | str) -> np.ndarray:
-    """Greyscale samples of a high-bit-depth ``mode`` scaled (not clipped) to 0..255."""
-    values = values.astype(np.float64)
-    if mode.startswith("I;16"):
-        full_scale = 65535.0
-    else:
-        low, high = float(values.min()), float(values.max())
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
-            raise TaskError(
-                f"image {path}: mode {mode} values span {low:g}..{high:g}, outside 0..65535; "
-                "save it as an 8- or 16-bit image"
-            )
-        full_scale = next(s for s in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0) if high <= s)
-    return np.rint(values * (255.0 / full_scale)).astype(np.uint8)
 
 
 def digest_state_dict(state: dict[str, torch.Tensor], extra: str = "") -> str:

@@ -104,7 +104,7 @@ def load_task_yaml(path: str | Path, check_images: bool = True) -> Task:
         if modality == "image":
             inputs = [csv_paths[key].parent / p for p in r.inputs]
             _check_images(inputs, r.lines, source, root, allow_outside, check_images, path)
-        built[key] = Split(key, inputs, encode_labels(r.labels, classes, key, source, r.lines), source)
+        built[key] = Split(key, inputs, encode_labels(r.labels, classes, key, source, r.lines), source, r.lines)
     _check_classes_in_train(built, rows, classes)
     return Task(
         name=name,

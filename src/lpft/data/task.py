@@ -30,19 +30,32 @@ ID_SPLITS: tuple[str, ...] = ("train", "id_val", "id_test")
 class Split:
     """One labelled split.
 
-    ``inputs`` holds, per example, a string (text tasks), an image file path (image tasks
-    from CSV) or, for in-memory image tasks, a ``uint8`` array ``[N, H, W, 3]``.
-    ``labels`` are integer indices into the task's ``classes``. ``source`` names where the
-    rows came from (a CSV path or ``"arrays"``) so errors can point at them.
+    ``inputs`` holds, per example, a string (text tasks), an image reference (a file path, a
+    range of a tar shard or encoded bytes: :mod:`lpft.data.images`) or, for in-memory image
+    tasks, a ``uint8`` array ``[N, H, W, 3]``. ``labels`` are integer indices into the task's
+    ``classes``. ``source`` names where the rows came from (a CSV path, a folder, ``"arrays"``)
+    and ``lines``, when the rows came from a CSV, the line each row is on, so errors can point
+    at them (:meth:`locate`).
     """
 
     name: str
     inputs: Sequence | np.ndarray
     labels: np.ndarray
     source: str = "arrays"
+    lines: Sequence[int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def locate(self, row: int) -> str:
+        """Where row ``row`` (0-based) is: ``train.csv, line 5: images/a.jpg``, or the image reference itself."""
+        if self.lines is not None:
+            where = f"{self.source}, line {self.lines[row]}"
+        elif isinstance(self.inputs, np.ndarray) or isinstance(self.inputs[row], str):
+            where = f"{self.source}, row {row + 1}"
+        else:
+            return str(self.inputs[row])  # a file, or a shard member: names itself
+        return where if isinstance(self.inputs, np.ndarray) else f"{where}: {self.inputs[row]}"
 
 
 @dataclass(frozen=True)
