@@ -12,7 +12,8 @@ import torch
 from lpft.backbones import create_backbone
 from lpft.commands.common import add_method_arguments, method_settings
 from lpft.errors import ConfigError
-from lpft.features import SplitData, compute_features
+from lpft.data.loader import SplitData
+from lpft.features import compute_features
 from lpft.training import Classifier, FinetuneConfig, finetune, predict_logits, resolve_fast_path
 
 from conftest import small_digits_task

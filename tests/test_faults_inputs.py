@@ -314,7 +314,7 @@ def _sidecar_missing(entry: Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate, _garbage, _other_values, _sidecar_shape, _sidecar_missing])
 def test_damaged_feature_cache_entry_is_logged_and_rebuilt(cache, caplog, damage):
     backbone, split = CountingBackbone(), text_split()
-    expected = cached_features(backbone, split)
+    expected = np.array(cached_features(backbone, split))  # a copy: the entry is memory-mapped, and damaged in place
     entry = _entry(cache)
     damage(entry)
     with caplog.at_level(logging.WARNING, logger="lpft.features"):
@@ -342,11 +342,18 @@ def test_truncated_prepared_benchmark_is_reported_missing_and_prepared_again(cac
 
 # --- temporary files of interrupted writes -------------------------------------------------
 
-# Run in a child process: start writing a cache file, write half of it, then die (SIGKILL) or hang.
+# Run in a child process: start writing a cache file (features: fill the memory-mapped temporary
+# file; a prepared benchmark: write half of it), then die (SIGKILL) or hang.
 INTERRUPTED_WRITER = """
 import io, os, signal, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
+
+def stop():
+    if sys.argv[3] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("writing", flush=True)
+    time.sleep(120)
 
 def half_then(real):
     def write(file, *args, **kwargs):
@@ -355,17 +362,18 @@ def half_then(real):
         f = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
         f.flush()
-        if sys.argv[3] == "die":
-            os.kill(os.getpid(), signal.SIGKILL)
-        print("writing", flush=True)
-        time.sleep(120)
+        stop()
     return write
 
 if sys.argv[2] == "features":
     from test_faults_inputs import CountingBackbone, text_split
-    from lpft.features import cached_features
-    np.save = half_then(np.save)
-    cached_features(CountingBackbone(), text_split())
+    import lpft.features as features
+    extract = features.compute_features
+    def extract_then_stop(*args, **kwargs):
+        extract(*args, **kwargs)
+        stop()
+    features.compute_features = extract_then_stop
+    features.cached_features(CountingBackbone(), text_split())
 else:
     from lpft.data.bundled.cache import save_npz_atomic
     np.savez = half_then(np.savez)

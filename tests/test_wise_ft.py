@@ -18,7 +18,7 @@ from lpft.data import Task
 from lpft.data.splits import ID_TEST, ID_VAL
 from lpft.diagnostics.wise import plot_wise_curve, wise_points
 from lpft.errors import ConfigError
-from lpft.features import SplitData
+from lpft.data.loader import SplitData
 from lpft.methods import MethodResult, create_method
 from lpft.methods.finetuning import FineTuning, LinearProbeThenFineTune, LPFTConfig
 from lpft.methods.linear_probe import fit_linear_probe

@@ -19,6 +19,10 @@ from typing import Any, ClassVar, TypeVar
 
 from lpft.errors import ConfigError
 
+# Image preprocessing presets (an image backbone's ``augment`` option; :class:`lpft.backbones.base.ImageBackbone`).
+# Here, with no heavy import, so the command line can offer them without loading torch.
+AUGMENT_PRESETS: tuple[str, ...] = ("none", "paper")
+
 AUTO = "auto"
 C = TypeVar("C", bound="MethodConfig")
 AutoResolver = Callable[[int], Any]  # n_train -> the value "auto" stands for

@@ -8,6 +8,7 @@ live process is still writing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -15,7 +16,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,8 +37,9 @@ def cache_dir() -> Path:
     return root
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Create or replace ``path`` with what ``write(file)`` writes, via a temporary file and one rename.
+@contextlib.contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new contents to; one rename makes it ``path`` when the block succeeds.
 
     A crash or Ctrl-C mid-write leaves the old file (or none), never a truncated one; two
     processes writing at once both succeed. The temporary file's name records this host and
@@ -45,13 +47,19 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create or replace ``path`` with what ``write(file)`` writes, atomically (:func:`atomic_target`)."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def remove_stale_temps(folder: Path) -> None:

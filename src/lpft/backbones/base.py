@@ -18,14 +18,16 @@ import hashlib
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from lpft.config import AUGMENT_PRESETS
 from lpft.data.images import load_rgb
 from lpft.errors import BackboneError
 
@@ -142,30 +144,79 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(parts)
 
 
+CROP_PCT = 0.875  # the eval crop's share of the resized image, where a backbone's pretrained config gives none
+
+
 class ImageBackbone(Backbone):
-    """Shared preprocessing for image models: resize, scale to [0, 1], normalise per channel."""
+    """Shared preprocessing for image models, by augmentation preset.
+
+    - ``none`` (default): every image, in training and evaluation alike, is resized whole to
+      ``image_size`` x ``image_size`` (bilinear, antialiased), scaled to [0, 1] and normalised.
+    - ``paper``: the fine-tuning protocol of the LP-FT paper, built with timm's
+      ``create_transform``: training batches of FT and LP-FT take a RandomResizedCrop (scale
+      0.08-1) and a horizontal flip; evaluation and LP features resize the shorter side to
+      ``image_size / crop_pct`` and take the centre crop, with the backbone's pretrained
+      interpolation and crop share (:attr:`interpolation`, :attr:`crop_pct`).
+
+    The preset is part of :attr:`preprocess_signature`, so features under one never serve another.
+    """
 
     modality = "image"
+    interpolation = "bilinear"  # timm's name of the resize kernel of ``paper``'s transforms
+    crop_pct = CROP_PCT
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.image_size = int(image_size)
+        self.augment = "none"
         self.register_buffer("_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def set_augment(self, preset: str) -> None:
+        """Choose the augmentation preset (:data:`AUGMENT_PRESETS`)."""
+        if preset not in AUGMENT_PRESETS:
+            raise BackboneError(f"augment (--augment) must be one of {list(AUGMENT_PRESETS)}; got {preset!r}")
+        self.augment = preset
 
     @property
     def preprocess_signature(self) -> str:
         mean = [round(v, 6) for v in self._mean.flatten().tolist()]
         std = [round(v, 6) for v in self._std.flatten().tolist()]
-        return f"bilinear-resize={self.image_size};mean={mean};std={std}"
+        if self.augment == "none":
+            return f"bilinear-resize={self.image_size};mean={mean};std={std}"
+        return (f"augment={self.augment};{self.interpolation}-resize-crop={self.image_size};"
+                f"crop_pct={self.crop_pct};mean={mean};std={std}")
+
+    def image_transform(self, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
+        """One uint8 ``[H, W, 3]`` image -> float ``[3, S, S]``: training batches (``train``) or evaluation.
+
+        Training transforms draw from torch's and Python's global generators; the loader seeds
+        them per example (:mod:`lpft.data.loader`), so augmentation does not depend on workers.
+        """
+        if self.augment == "none":
+            return self._resize_whole
+        from timm.data import create_transform
+
+        mean = tuple(self._mean.flatten().tolist())
+        std = tuple(self._std.flatten().tolist())
+        timm_transform = create_transform(
+            input_size=self.image_size, is_training=train, interpolation=self.interpolation, mean=mean, std=std,
+            crop_pct=self.crop_pct, scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
+        )
+        return _FromArray(timm_transform)
 
     def preprocess(self, inputs: Sequence | np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` arrays or image files (read by :func:`~lpft.data.images.load_rgb`) -> float ``[N, 3, S, S]``."""
-        if isinstance(inputs, np.ndarray):
+        """uint8 ``[N, H, W, 3]`` arrays or image files (read by :func:`~lpft.data.images.load_rgb`) -> float
+        ``[N, 3, S, S]``, as evaluation sees them."""
+        if isinstance(inputs, np.ndarray) and self.augment == "none":  # one interpolate call for the whole array
             x = self._resize(torch.from_numpy(np.ascontiguousarray(inputs)).permute(0, 3, 1, 2))
-        else:  # files may differ in size: resize one by one, then stack
-            x = torch.cat([self._resize(torch.from_numpy(load_rgb(p)).permute(2, 0, 1)[None]) for p in inputs])
-        return (x - self._mean.cpu()) / self._std.cpu()
+            return (x - self._mean.cpu()) / self._std.cpu()
+        transform = self.image_transform(train=False)
+        return torch.stack([transform(img if isinstance(inputs, np.ndarray) else load_rgb(img)) for img in inputs])
+
+    def _resize_whole(self, image: np.ndarray) -> torch.Tensor:
+        x = self._resize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None])
+        return ((x - self._mean.cpu()) / self._std.cpu())[0]
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0)
@@ -176,20 +227,29 @@ class ImageBackbone(Backbone):
         return x
 
 
+class _FromArray:
+    """A PIL-image transform (timm's) applied to a uint8 array; a class, not a closure, so workers can pickle it."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.transform(Image.fromarray(image))
+
+
 class PooledImageBackbone(ImageBackbone):
     """An image network ``self.net`` whose forward already returns pooled features (no classifier)."""
 
     net: nn.Module
-    _fingerprint: str
+    _weights_id: str
 
-    def _set_fingerprint(self, weights: str) -> None:
+    def _identify_weights(self, weights: str) -> None:
         """Key the feature cache on the weights file's digest, or on the weights themselves (random/download)."""
-        weights_id = file_digest(weights) if Path(str(weights)).is_file() else digest_state_dict(self.net.state_dict())
-        self._fingerprint = f"{self.name}|{weights_id}|{self.preprocess_signature}"
+        self._weights_id = file_digest(weights) if Path(str(weights)).is_file() else digest_state_dict(self.net.state_dict())
 
     @property
     def fingerprint(self) -> str:
-        return self._fingerprint
+        return f"{self.name}|{self._weights_id}|{self.preprocess_signature}"
 
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         return self.net(batch)

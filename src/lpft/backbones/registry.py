@@ -7,7 +7,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from lpft.backbones.base import Backbone, BackboneError
+from lpft.backbones.base import Backbone, BackboneError, ImageBackbone
 from lpft.registry import Registry, load_plugins
 
 BackboneFactory = Callable[..., Backbone]
@@ -30,6 +30,9 @@ def backbone_names() -> list[str]:
 def create_backbone(name: str, **options: Any) -> Backbone:
     """Build the backbone called ``name``; options (``weights``, ``image_size``, ...) go to its factory.
 
+    ``augment`` (an image backbone's preset, :data:`~lpft.backbones.base.AUGMENT_PRESETS`) is
+    taken here, for every image backbone alike.
+
     ``weights`` may be a local file (``.safetensors`` or a torch state dict), ``"random"``
     for an untrained network, or ``"download"`` to let the library fetch them; nothing is
     downloaded unless asked. An option the backbone does not take, or an ``image_size``
@@ -44,8 +47,14 @@ def create_backbone(name: str, **options: Any) -> Backbone:
         factory, given = _PREFIX[prefix], {"model": model}
     else:
         raise BackboneError(f"unknown backbone {name!r}; choose from {backbone_names()}")
+    augment = options.pop("augment", "none")
     _check_options(name, factory, options)
-    return factory(**given, **options)
+    backbone = factory(**given, **options)
+    if augment != "none":
+        if not isinstance(backbone, ImageBackbone):
+            raise BackboneError(f"{_named('augment')} applies to image backbones; {name!r} reads {backbone.modality}")
+        backbone.set_augment(augment)
+    return backbone
 
 
 def factory_options(factory: BackboneFactory) -> list[str] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lpft.backbones.base import BackboneError, Block, PooledImageBackbone, load_weights_file, name_blocks
+from lpft.backbones.base import CROP_PCT, BackboneError, Block, PooledImageBackbone, load_weights_file, name_blocks
 from lpft.backbones.registry import register_backbone
 
 
@@ -27,10 +27,11 @@ class TimmBackbone(PooledImageBackbone):
                 raise BackboneError(f"{weights}: does not match timm:{model} (missing {missing[:3]}, unexpected {unexpected[:3]})")
         cfg = timm.data.resolve_data_config({}, model=net)
         super().__init__(image_size or cfg["input_size"][-1], cfg["mean"], cfg["std"])
+        self.interpolation, self.crop_pct = cfg.get("interpolation", "bilinear"), cfg.get("crop_pct", CROP_PCT)
         self.name = f"timm:{model}"
         self.net = net
         self.feature_dim = int(net.num_features)
-        self._set_fingerprint(weights)
+        self._identify_weights(weights)
 
     def blocks(self) -> list[Block]:
         """timm's own fine-grained grouping (``group_matcher``, what timm's layer decay uses), else the default."""

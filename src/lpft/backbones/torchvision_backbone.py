@@ -32,7 +32,7 @@ class TorchvisionBackbone(PooledImageBackbone):
         self.name = f"torchvision:{model}"
         self.feature_dim = _drop_classifier(net)
         self.net = net
-        self._set_fingerprint(weights)
+        self._identify_weights(weights)
 
 
 def _drop_classifier(net: nn.Module) -> int:

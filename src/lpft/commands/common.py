@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lpft.config import AUGMENT_PRESETS
 from lpft.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -119,10 +120,23 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, default: str | None 
                         help="local weights file, 'random', or 'download' (nothing is downloaded otherwise)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="input resolution of image backbones, in pixels (default: the backbone's own)")
+    parser.add_argument("--augment", choices=AUGMENT_PRESETS, default=None,
+                        help="image preprocessing preset: none (resize whole images), or paper (FT and LP-FT "
+                             "train on random resized crops + flips; evaluation and LP read the centre crop)")
 
 
 def backbone_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in {"weights": args.weights, "image_size": args.image_size}.items() if v is not None}
+    given = {"weights": args.weights, "image_size": args.image_size, "augment": args.augment}
+    return {k: v for k, v in given.items() if v is not None and not (k == "augment" and v == "none")}
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers`` and ``--skip-bad-images``: how image files are read (they never change a result)."""
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes decoding images while the model computes (default: the cores available; "
+                             "0: decode in the training process)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave unreadable training images out, counted in the run record, instead of stopping")
 
 
 def add_rules_argument(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from lpft.data.files import INPUT_COLUMN, read_csv
     from lpft.data.task import Split
     from lpft.evaluation.metrics import softmax
-    from lpft.features import SplitData
+    from lpft.data.loader import SplitData
     from lpft.runs import resolve_device
     from lpft.runs.artifacts import load_model, load_run
     from lpft.training import predict_logits

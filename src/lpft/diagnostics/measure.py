@@ -31,7 +31,8 @@ from lpft.backbones.base import block_name
 from lpft.data import Split, Task
 from lpft.data.splits import ID_TEST, ID_VAL, is_ood
 from lpft.evaluation.metrics import feature_change, reliability_bins
-from lpft.features import SplitData, cached_features, compute_features
+from lpft.data.loader import SplitData
+from lpft.features import cached_features, compute_features
 from lpft.methods import method_label
 from lpft.runs.artifacts import load_run, load_run_models, load_run_task
 

@@ -33,7 +33,8 @@ import torch
 from lpft.backbones import Backbone
 from lpft.data import Task
 from lpft.data.splits import ID_TEST, is_ood
-from lpft.features import SplitData, cached_features
+from lpft.data.loader import SplitData
+from lpft.features import cached_features
 from lpft.methods.finetuning import LinearProbeThenFineTune, LPFTConfig
 from lpft.methods.linear_probe import fit_linear_probe
 from lpft.training import Classifier
@@ -85,7 +86,8 @@ def assess(task: Task, backbone: Backbone, device: torch.device, seed: int = 0) 
     model = Classifier(copy.deepcopy(backbone), task.num_classes)
     model.set_head(probe.coef_, probe.intercept_)
     config = method.config.resolve(len(task.train))
-    start = method.first_step(model, SplitData(model.backbone, task.train), config, device, fitted_head=True)
+    train = SplitData(model.backbone, task.train, train=True, seed=config.seed)
+    start = method.first_step(model, train, config, device, fitted_head=True)
     del model
     val = task.id_val.labels
     majority = float(np.bincount(val).max() / len(val))

@@ -12,7 +12,7 @@ import torch
 from lpft.backbones.base import Backbone
 from lpft.config import setting
 from lpft.data.task import Task
-from lpft.features import SplitData
+from lpft.data.loader import SplitData
 from lpft.methods.base import Method, MethodResult, register_method
 from lpft.methods.linear_probe import fit_linear_probe
 from lpft.training import Classifier, FastPath, FinetuneConfig, StepCallback, finetune
@@ -56,7 +56,7 @@ class FineTuning(Method):
     def fit(self, task: Task, backbone: Backbone, device: torch.device) -> MethodResult:
         config = self.config.resolve(len(task.train))
         model, selected = self.initial_model(task, backbone, device)
-        train = SplitData(model.backbone, task.train)
+        train = SplitData(model.backbone, task.train, train=True, seed=config.seed)
         evals = {key: SplitData(model.backbone, split) for key, split in task.eval_splits()}
         diagnostics = self.first_step(model, train, config, device, fitted_head=bool(selected))
         result = finetune(model, train, evals, config, device, before_step=self.before_step,

@@ -22,7 +22,7 @@ from lpft.backbones.base import Backbone
 from lpft.config import setting
 from lpft.data.splits import ID_VAL
 from lpft.data.task import Task
-from lpft.features import SplitData
+from lpft.data.loader import SplitData
 from lpft.methods.base import Method, MethodResult, register_method
 from lpft.methods.finetuning import FineTuning, LinearProbeThenFineTune, LPFTConfig
 from lpft.methods.linear_probe import fit_linear_probe

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lpft.features import SplitData, to_device
+from lpft.data.loader import SplitData, to_device
 from lpft.training.config import FinetuneConfig
 from lpft.training.model import Classifier, set_batchnorm_mode
 
@@ -42,7 +42,7 @@ def first_step_stats(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            logits = model(to_device(train.batch(index), device))
+            logits = model(to_device(train.batch(index, epoch=1), device))
         loss = nn.functional.cross_entropy(logits.float(), train.labels[index].to(device))
         grads = torch.autograd.grad(loss, head + body, allow_unused=True)
     finally:

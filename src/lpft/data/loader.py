@@ -1,0 +1,325 @@
+"""Batches of a split, decoded and transformed in worker processes while the model computes.
+
+:class:`SplitData` is how training, evaluation and feature extraction read a split:
+
+- **Held in memory** (texts, and un-augmented images whose tensors fit
+  :data:`PRELOAD_LIMIT_BYTES`): preprocessed once, then sliced per batch (on the GPU when the
+  loop moves it there).
+- **Streamed** (larger image splits, and every augmented training split): each batch is
+  decoded and transformed by torch's ``DataLoader`` in persistent worker processes, with
+  prefetching and pinned memory on CUDA, in the order the caller asks for.
+
+The caller gives the order (the training loop's seeded permutation, a DDP shard), so results
+never depend on the number of workers. Augmentation is seeded per example from ``(seed,
+epoch, row)``: the same seed gives the same crops whichever worker draws them.
+
+:func:`loading` sets how many workers to use and whether a bad training image is skipped
+(counted) rather than fatal, for every split read inside it; ``lpft run --workers N
+--skip-bad-images`` sets it for a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lpft.backbones.base import Backbone, Batch, ImageBackbone
+from lpft.data.images import load_rgb
+from lpft.data.task import Split
+from lpft.errors import TaskError
+
+log = logging.getLogger(__name__)
+
+PRELOAD_LIMIT_BYTES = 1 << 30  # preprocess a split up front when its tensors fit in 1 GiB
+PRELOAD_CHUNK = 256  # rows per batch while preprocessing a split up front
+PREFETCH_BATCHES = 4  # batches each worker prepares ahead
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass
+class Loading:
+    """How splits are read: ``workers`` decoding processes (0: in this process) and the bad-image policy.
+
+    ``skipped`` collects, per split name, the rows of training images that could not be read
+    and were left out (only with ``skip_bad_images``); the run record reports them.
+    """
+
+    workers: int = field(default_factory=available_cores)
+    skip_bad_images: bool = False
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+_LOADING: contextvars.ContextVar[Loading] = contextvars.ContextVar("lpft_loading", default=Loading())
+
+
+@contextlib.contextmanager
+def loading(workers: int | None = None, skip_bad_images: bool = False) -> Iterator[Loading]:
+    """Read every split inside the block with ``workers`` processes (default: the cores available)."""
+    if workers is not None and workers < 0:
+        raise TaskError(f"workers (--workers) must be 0 or more; got {workers}")
+    settings = Loading(available_cores() if workers is None else workers, skip_bad_images)
+    token = _LOADING.set(settings)
+    try:
+        yield settings
+    finally:
+        _LOADING.reset(token)
+
+
+def current_loading() -> Loading:
+    return _LOADING.get()
+
+
+class _Rows(Dataset):
+    """Rows of an image split, each decoded and transformed alone; indexed by ``(row, epoch)``.
+
+    Never raises for a bad image: it returns the error text, so the main process can name the
+    file cleanly (an exception from a worker arrives wrapped in the worker's traceback).
+    """
+
+    def __init__(self, split: Split, backbone: ImageBackbone, train: bool, seed: int) -> None:
+        self.inputs = split.inputs
+        self.transform = backbone.image_transform(train)
+        self.seeded = train and backbone.augment != "none"
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor | str]:
+        row, epoch = key
+        try:
+            item = self.inputs[row]
+            image = item if isinstance(item, np.ndarray) else load_rgb(item)
+            if not self.seeded:
+                return row, self.transform(image)
+            with _seeded(self.seed, epoch, row):
+                return row, self.transform(image)
+        except Exception as exc:  # noqa: BLE001 - PIL and decoders raise many types; reported by the caller
+            return row, f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, epoch: int, row: int) -> Iterator[None]:
+    """Seed torch's CPU generator and Python's ``random`` (what timm's transforms draw from) for one example."""
+    state = np.random.SeedSequence([seed, epoch, row]).generate_state(2)
+    saved = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(state[0]))
+        random.seed(int(state[1]))
+        try:
+            yield
+        finally:
+            random.setstate(saved)
+
+
+def _collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, str]]:
+    """Rows read, their stacked tensors, and the rows that failed with their errors."""
+    good = [(row, x) for row, x in items if isinstance(x, torch.Tensor)]
+    bad = {row: x for row, x in items if isinstance(x, str)}
+    rows = torch.tensor([row for row, _ in good], dtype=torch.long)
+    return rows, torch.stack([x for _, x in good]) if good else None, bad
+
+
+class _Plan:
+    """The batch sampler a persistent DataLoader re-reads each pass: the caller's batches, with the epoch."""
+
+    def __init__(self, batches: list[list[tuple[int, int]]] | None = None) -> None:
+        self.batches = batches or []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class SplitData:
+    """A split ready to be batched: held preprocessed in memory when small, else streamed by workers.
+
+    ``train`` marks the split fine-tuning trains on: with an augmenting backbone
+    (``augment="paper"``) its batches are augmented, seeded by ``seed``, and it is always
+    streamed. Every other split is read as evaluation sees it.
+    """
+
+    def __init__(self, backbone: Backbone, split: Split, train: bool = False, seed: int = 0,
+                 preload: bool | None = None) -> None:
+        self.backbone = backbone
+        self.split = split
+        self.loading = current_loading()
+        self.augmented = train and isinstance(backbone, ImageBackbone) and backbone.augment != "none"
+        self._train, self._seed = train, seed
+        self._loader: DataLoader | None = None
+        self._plan = _Plan()
+        if preload is None:
+            preload = not self.augmented and (backbone.modality == "text" or self._estimated_bytes() <= PRELOAD_LIMIT_BYTES)
+        if preload and self.augmented:
+            raise ValueError("an augmented training split cannot be preprocessed once: its batches differ every epoch")
+        self._tensors: Batch | None = self._preprocess_all() if preload else None
+
+    def _preprocess_all(self) -> Batch | None:
+        """Every row preprocessed, in order: texts and in-memory images here, image files by workers.
+
+        ``None`` when a training image was skipped (rows would no longer line up): then batches stream.
+        """
+        split = self.split
+        chunks = [np.arange(i, min(i + PRELOAD_CHUNK, len(split))) for i in range(0, len(split), PRELOAD_CHUNK)]
+        if self.backbone.modality == "text" or isinstance(split.inputs, np.ndarray):
+            return _concat([self.backbone.preprocess(self._inputs(c)) for c in chunks])
+        read = list(self._stream(chunks, epoch=0, keep_workers=False))
+        if sum(len(rows) for rows, _ in read) < len(split):
+            return None
+        return _concat([batch for _, batch in read])
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.from_numpy(self.split.labels)
+
+    @property
+    def preloaded(self) -> bool:
+        return self._tensors is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the preprocessed tensors (0 when batches are streamed)."""
+        if self._tensors is None:
+            return 0
+        tensors = self._tensors.values() if isinstance(self._tensors, dict) else [self._tensors]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches come from: a preloaded split's device (see :meth:`to`), else the CPU."""
+        if self._tensors is None:
+            return torch.device("cpu")
+        return next(iter(self._tensors.values())).device if isinstance(self._tensors, dict) else self._tensors.device
+
+    def to(self, device: torch.device | str) -> SplitData:
+        """Hold a preloaded split on ``device`` so batches are sliced there, with no per-step host copy."""
+        if self._tensors is not None:
+            self._tensors = to_device(self._tensors, device)
+        return self
+
+    def batches(self, indices: Sequence[np.ndarray | torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, Batch]]:
+        """``(rows, batch)`` for each index array in ``indices``, in order; ``rows`` are those read.
+
+        ``rows`` equals the index array unless a training image could not be read under
+        ``skip_bad_images`` (then it lacks that row). ``epoch`` seeds augmentation.
+        """
+        if self._tensors is None:
+            yield from self._stream(indices, epoch)
+            return
+        for index in indices:
+            t = torch.as_tensor(index, device=self.device)
+            yield t, ({k: v[t] for k, v in self._tensors.items()} if isinstance(self._tensors, dict) else self._tensors[t])
+
+    def batch(self, index: np.ndarray | torch.Tensor, epoch: int = 0) -> Batch:
+        """One batch of the rows ``index`` (read in this process when streamed)."""
+        if self._tensors is not None:
+            return next(self.batches([index], epoch))[1]
+        rows = [int(i) for i in torch.as_tensor(index).tolist()]
+        _, tensors, bad = _collate([self._dataset()[(row, epoch)] for row in rows])
+        self._check(bad)
+        return tensors
+
+    def _stream(self, indices: Sequence[np.ndarray | torch.Tensor], epoch: int,
+                keep_workers: bool = True) -> Iterator[tuple[torch.Tensor, Batch]]:
+        """Batches read by workers; ``keep_workers=False`` for a single pass (preloading) lets them exit after it."""
+        plan = _Plan([[(int(i), epoch) for i in torch.as_tensor(index).tolist()] for index in indices])
+        if not plan.batches:
+            return
+        if keep_workers:  # the persistent loader re-reads its sampler each pass
+            self._plan.batches = plan.batches
+        loader = self._data_loader() if keep_workers else self._new_loader(plan, persistent=False)
+        for rows, tensors, bad in loader:
+            self._check(bad)
+            if tensors is None:
+                raise TaskError(f"no image of a batch of {self.split.name} ({self.split.source}) could be read, the "
+                                f"first {self.split.locate(next(iter(bad)))}; `lpft data check` lists every bad image")
+            yield rows, tensors
+
+    def _check(self, bad: dict[int, str]) -> None:
+        """Stop on a bad image, naming it; or, for a training split under ``skip_bad_images``, count and go on."""
+        if not bad:
+            return
+        row, error = next(iter(bad.items()))
+        if not (self._train and self.loading.skip_bad_images):
+            if self._train:
+                hint = "`lpft data check` lists every bad image; --skip-bad-images leaves bad training images out"
+            elif self.loading.skip_bad_images:
+                hint = "only training images are skipped: remove it (`lpft data check` lists every bad image)"
+            else:
+                hint = "remove it (`lpft data check` lists every bad image)"
+            raise TaskError(f"cannot read {self.split.name} image {self.split.locate(row)}: {error}; {hint}")
+        skipped = self.loading.skipped.setdefault(self.split.name, [])
+        for row, error in bad.items():
+            where = self.split.locate(row)
+            if where not in skipped:
+                skipped.append(where)
+                log.warning("skipping unreadable training image %s: %s", where, error)
+
+    def _dataset(self) -> _Rows:
+        assert isinstance(self.backbone, ImageBackbone), "only image splits are streamed"
+        return _Rows(self.split, self.backbone, self._train, self._seed)
+
+    def _data_loader(self) -> DataLoader:
+        """One DataLoader per split, its workers kept alive across epochs and evaluations."""
+        if self._loader is None:
+            self._loader = self._new_loader(self._plan, persistent=True)
+        return self._loader
+
+    def _new_loader(self, plan: _Plan, persistent: bool) -> DataLoader:
+        workers = min(self.loading.workers, len(plan)) if not persistent else self.loading.workers
+        return DataLoader(
+            self._dataset(), batch_sampler=plan, num_workers=workers, collate_fn=_collate,
+            pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
+            prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+        )
+
+    def _inputs(self, index: np.ndarray) -> Sequence:
+        inputs = self.split.inputs
+        return inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
+
+    def _estimated_bytes(self) -> int:
+        size = getattr(self.backbone, "image_size", 224)
+        return len(self.split) * 3 * size * size * 4
+
+
+def to_device(batch: Batch, device: torch.device | str, channels_last: bool = False) -> Batch:
+    """Move a batch to ``device``; host tensors bound for CUDA go through pinned memory so the copy is asynchronous."""
+    device = torch.device(device)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and t.device.type == "cpu":
+            t = t.pin_memory()
+        t = t.to(device, non_blocking=True)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    if isinstance(batch, dict):
+        return {k: move(v) for k, v in batch.items()}
+    return move(batch)
+
+
+def _concat(chunks: list[Batch]) -> Batch:
+    if isinstance(chunks[0], dict):  # tokenised text: pad every chunk to the longest one
+        longest = max(c["input_ids"].shape[1] for c in chunks)
+        return {
+            k: torch.cat([torch.nn.functional.pad(c[k], (0, longest - c[k].shape[1])) for c in chunks])
+            for k in chunks[0]
+        }
+    return torch.cat(chunks)
