@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "tuned weights (safetensors)")
     add_deprecated_alias(p, "--save", "--out", dest="out")
     p.add_argument("--overwrite", action="store_true", help="let --out replace a folder that holds an earlier run")
+    p.add_argument("--checkpoint", type=Path, metavar="DIR",
+                   help="save the training state to DIR after every epoch; the same command again resumes "
+                        "after the last saved epoch (DIR is kept; docs/scale.md)")
     p.set_defaults(func=main)
 
 
@@ -36,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
                    backbone_options=backbone_options(args))
     if args.json_path:
         check_writable(args.json_path, "--json")
-    record = execute(spec, args.device, save=args.out, overwrite=args.overwrite)
+    record = execute(spec, args.device, save=args.out, overwrite=args.overwrite, checkpoint=args.checkpoint)
     console.print(metrics_table([record], f"{record.task} / {record.backbone_label}: accuracy (%)"))
     if args.json_path:
         write_json(args.json_path, record.to_json())

@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="results database (default: DIR/results.sqlite)")
     add_device_argument(p, default=None, when_none="the spec's, else auto")
     p.add_argument("--no-report", action="store_true", help="only run the trials")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                   help="each trial saves its training state after every epoch to DIR/<trial hash> (deleted once "
+                        "the trial is stored), so a killed sweep resumes its unfinished trial mid-way")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="run trials one after another here or as Ray tasks (pip install 'lpft[ray]'; docs/scale.md)")
     p.add_argument("--ray-address", default=None,
@@ -40,9 +43,10 @@ def main(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from lpft.results.ray import run_sweep_ray
 
-        summary = run_sweep_ray(spec, db, args.device, address=args.ray_address, gpus_per_trial=args.ray_gpus_per_trial)
+        summary = run_sweep_ray(spec, db, args.device, address=args.ray_address, gpus_per_trial=args.ray_gpus_per_trial,
+                                checkpoint=args.checkpoint)
     else:
-        summary = run_sweep(spec, db, args.device)
+        summary = run_sweep(spec, db, args.device, checkpoint=args.checkpoint)
     console.print(
         f"sweep {spec.name}: {summary.total} trials, {summary.skipped} already finished, {summary.finished} run now, "
         f"{summary.failed} failed ({summary.seconds:.0f}s); results in {db}", markup=False,

@@ -37,12 +37,15 @@ def run_sweep_ray(
     gpus_per_trial: float = 0.0,
     progress: bool = True,
     init_options: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> SweepSummary:
     """Run the spec's unfinished trials as Ray tasks; returns the same summary as the serial loop.
 
     ``address`` joins a running cluster (``"auto"``, ``"ray://host:10001"``); without it and
     without an initialised Ray, a local instance is started (``init_options`` go to
     ``ray.init``). ``cpus_per_trial``/``gpus_per_trial`` are each task's resource request.
+    ``checkpoint`` is a folder every worker reaches where trials checkpoint their epochs
+    (:func:`~lpft.results.sweep.run_trial`).
     """
     try:
         import ray
@@ -58,7 +61,8 @@ def run_sweep_ray(
     if pending and not ray.is_initialized():
         ray.init(address=address, **(init_options or {}))
     task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)(run_trial)
-    waiting = [task.remote(trial, str(db_path), device or spec.device) for trial in pending]
+    folder = None if checkpoint is None else str(Path(checkpoint).resolve())
+    waiting = [task.remote(trial, str(db_path), device or spec.device, folder) for trial in pending]
     outcomes = {"finished": 0, "failed": 0, "skipped": 0}
     bar = tqdm(total=len(waiting), desc=f"sweep {spec.name} (ray)", unit="trial", disable=not progress)
     while waiting:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import shutil
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -79,21 +80,24 @@ def expand(spec: SweepSpec) -> list[Trial]:
     return trials
 
 
-def run_trial(trial: Trial, db_path: str | Path, device: str = "auto") -> str:
+def run_trial(trial: Trial, db_path: str | Path, device: str = "auto", checkpoint: str | Path | None = None) -> str:
     """Claim one trial, run it and write it to the store; returns ``finished``, ``failed`` or ``skipped``.
 
     A trial that is finished, or held by another live process, is skipped. The trial runs
     under this process's lease and is marked ``finished`` together with all of its results
     in one transaction, so a crash leaves it unfinished, never half-written. An exception
     is recorded as ``failed`` (with its traceback) and not raised, so one bad trial does not
-    stop a sweep.
+    stop a sweep. With ``checkpoint``, the trial saves its training state after every epoch
+    to its own subfolder ``checkpoint/<trial hash>``, so a killed sweep resumes its unfinished
+    trial mid-way; the subfolder is deleted once the trial's result is stored.
     """
+    folder = None if checkpoint is None else Path(checkpoint) / trial.hash
     with Store(db_path) as store:
         if not store.claim(trial.hash):
             return "skipped"
         with store.lease(trial.hash):
             try:
-                record = execute(trial.spec, device)
+                record = execute(trial.spec, device, checkpoint=folder)
             except Exception:  # noqa: BLE001  (recorded in the store and logged; the sweep goes on)
                 log.exception("trial %s failed", trial.label)
                 store.mark_failed(trial.hash, traceback.format_exc())
@@ -101,6 +105,8 @@ def run_trial(trial: Trial, db_path: str | Path, device: str = "auto") -> str:
             store.mark_finished(trial.hash, task_name=record.task, selected=record.selected, metrics=record.metrics,
                                 history=record.history, timings=record.timings, environment=record.environment,
                                 diagnostics=record.diagnostics)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # a leftover costs only disk: the store says finished
     return "finished"
 
 
@@ -125,8 +131,13 @@ def register(spec: SweepSpec, trials: Sequence[Trial], store: Store) -> list[Tri
     return pending
 
 
-def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, progress: bool = True) -> SweepSummary:
-    """Run the spec's unfinished trials one after another, resuming where a previous run stopped."""
+def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, progress: bool = True,
+              checkpoint: str | Path | None = None) -> SweepSummary:
+    """Run the spec's unfinished trials one after another, resuming where a previous run stopped.
+
+    With ``checkpoint`` (a folder), each trial checkpoints its epochs there (:func:`run_trial`),
+    so an interrupted trial resumes mid-way rather than from its start.
+    """
     start = time.perf_counter()
     trials = expand(spec)
     with Store(db_path) as store:
@@ -137,7 +148,7 @@ def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, p
     bar = tqdm(pending, desc=f"sweep {spec.name}", unit="trial", disable=progress_disabled(progress))
     for trial in bar:
         bar.set_postfix_str(trial.label)
-        outcomes[run_trial(trial, db_path, device or spec.device)] += 1
+        outcomes[run_trial(trial, db_path, device or spec.device, checkpoint)] += 1
     bar.close()
     return SweepSummary(len(trials), len(trials) - len(pending) + outcomes["skipped"], outcomes["finished"],
                         outcomes["failed"], time.perf_counter() - start)

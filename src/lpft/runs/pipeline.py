@@ -8,6 +8,7 @@ one, hashed); the task and backbone are built once per process and reused by lat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -29,6 +30,7 @@ from lpft.methods import Method, MethodResult, create_method, method_config
 from lpft.paths import cache_dir
 from lpft.runs.artifacts import check_save_target, save_run
 from lpft.runs.record import RunRecord, environment
+from lpft.training.checkpoint import checkpointing
 from lpft.training.distributed import local_device
 
 log = logging.getLogger(__name__)
@@ -133,15 +135,29 @@ def run_method(task: Task, backbone: Backbone, method: Method, device: torch.dev
     return record, result
 
 
+def run_identity(spec: RunSpec, config: MethodConfig, backbone: Backbone, task: Task) -> dict[str, Any]:
+    """What makes two runs the same run, so a checkpoint is resumed only by its own run.
+
+    The spec with every setting resolved, the backbone's weights and preprocessing, and the
+    sizes of the task's splits (a task built in memory is otherwise known only by its name).
+    """
+    return {**spec.to_json(), "hyperparameters": config.to_dict(),
+            "backbone_options": {k: v for k, v in spec.backbone_options.items() if v is not None},
+            "backbone_fingerprint": backbone.fingerprint, "split_sizes": {k: len(s) for k, s in task.splits()}}
+
+
 def execute(
     spec: RunSpec, device: str | torch.device = "auto", save: Path | str | None = None, task: Task | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, checkpoint: Path | str | None = None,
 ) -> RunRecord:
     """Run ``spec``: load (or reuse) its task and backbone, fit, evaluate, and optionally save for diagnosis.
 
     ``task`` overrides loading (a task built in memory); ``save`` writes the run directory
     that ``lpft diagnose`` and reuse read (:func:`lpft.runs.artifacts.save_run`), checked
     writable before any work; a folder holding something is replaced only with ``overwrite``.
+    ``checkpoint`` is a folder where the training loop saves its state after every epoch
+    and from which running the same spec again resumes (:mod:`lpft.training.checkpoint`);
+    the checkpoint is kept after the run.
     """
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -154,7 +170,10 @@ def execute(
     backbone = create_backbone_once(spec.backbone, spec.backbone_options)
     check_modality(task, backbone)
     loaded = time.perf_counter()
-    record, result = run_method(task, backbone, create_method(spec.method, config.resolve(len(task.train))), dev)
+    method = create_method(spec.method, config.resolve(len(task.train)))
+    with (contextlib.nullcontext() if checkpoint is None
+          else checkpointing(checkpoint, run_identity(spec, method.config, backbone, task))):
+        record, result = run_method(task, backbone, method, dev)
     record.backbone_options = {k: v for k, v in spec.backbone_options.items() if v is not None}
     record.spec = {**spec.to_json(), "hyperparameters": record.hyperparameters, "backbone_options": record.backbone_options}
     record.timings.update(load_seconds=round(loaded - start, 3), run_seconds=round(time.perf_counter() - start, 3))
@@ -173,13 +192,15 @@ def run(
     task_options: Mapping[str, Any] | None = None,
     save: Path | str | None = None,
     overwrite: bool = False,
+    checkpoint: Path | str | None = None,
 ) -> RunRecord:
     """Run one method on one task: the Python face of ``lpft run``.
 
     ``task`` is a benchmark name, a task YAML path or a :class:`~lpft.data.Task`;
-    ``config`` a method config or a ``{setting: value}`` mapping (defaults otherwise).
+    ``config`` a method config or a ``{setting: value}`` mapping (defaults otherwise);
+    ``checkpoint`` a folder that makes the run resumable (:func:`execute`).
     """
     values = config.to_dict() if isinstance(config, MethodConfig) else dict(config or {})
     name = task.name if isinstance(task, Task) else str(task)
     spec = RunSpec(name, backbone, method, values, task_options or {}, backbone_options or {})
-    return execute(spec, device, save, task if isinstance(task, Task) else None, overwrite)
+    return execute(spec, device, save, task if isinstance(task, Task) else None, overwrite, checkpoint)
