@@ -65,12 +65,12 @@ def progress_disabled(wanted: bool = True) -> bool | None:
 @torch.inference_mode()
 def compute_features(
     backbone: Backbone, data: SplitData, device: torch.device | str = "cpu", batch_size: int = 256, desc: str = "",
-    out: np.ndarray | None = None,
-) -> np.ndarray:
+    out: np.ndarray | _NpyAppender | None = None,
+) -> np.ndarray | _NpyAppender:
     """Features ``[N, D]`` (float32) of every example, in order, with the backbone in eval mode.
 
-    Written into ``out`` when given (a memory-mapped cache file: memory then stays one batch
-    deep however many rows there are). On a GPU each batch's copy to the host overlaps the
+    Written into ``out`` when given (the cache file's writer: memory then stays one batch deep
+    however many rows there are). On a GPU each batch's copy to the host overlaps the
     next batch's forward pass.
     """
     was_training = backbone.training
@@ -117,7 +117,7 @@ def cached_features(
     """Features of ``split`` under ``backbone``, read from the disk cache or computed and stored.
 
     An entry is ``<key>.npy`` plus a ``<key>.json`` sidecar recording its shape, dtype and the
-    sha256 of the array bytes. It is extracted straight into a memory-mapped temporary file
+    sha256 of the array bytes. It is extracted straight into a temporary file, batch by batch,
     that one rename makes the entry, and returned memory-mapped (copy-on-write): features far
     larger than RAM are never held whole. A read entry is verified against the sidecar and the
     expected ``[len(split), feature_dim]`` float32; one that is truncated, unreadable, or whose
@@ -135,10 +135,8 @@ def cached_features(
         log.debug("feature cache hit %s (%s, %s)", path, backbone.name, split.name)
         return feats
     with atomic_target(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=FEATURE_DTYPE, shape=shape)
-        compute_features(backbone, data, device, batch_size, desc=f"features {split.name}", out=out)
-        out.flush()
-        del out
+        with open(tmp, "wb") as f:
+            compute_features(backbone, data, device, batch_size, desc=f"features {split.name}", out=_NpyAppender(f, shape))
         meta = {
             "backbone": backbone.name,
             "fingerprint": backbone.fingerprint,
@@ -151,6 +149,25 @@ def cached_features(
         write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
     log.debug("cached features of %s (%d x %d) at %s", split.name, *shape, path)
     return np.load(path, mmap_mode="c")
+
+
+class _NpyAppender:
+    """A ``.npy`` file written row block by row block, in order (``out[rows] = values``).
+
+    Plain writes rather than a writable memory map: dirty pages of a map count in the process's
+    resident memory until written back, so extracting N x D features would grow it by the
+    whole file; written this way it grows by one batch.
+    """
+
+    def __init__(self, file: BinaryIO, shape: tuple[int, int]) -> None:
+        self.file, self.shape, self.rows = file, shape, 0
+        np.lib.format.write_array_header_1_0(file, {"descr": FEATURE_DTYPE.str, "fortran_order": False, "shape": shape})
+
+    def __setitem__(self, rows: np.ndarray, values: np.ndarray) -> None:
+        if len(rows) and (rows[0] != self.rows or rows[-1] != self.rows + len(rows) - 1):
+            raise ValueError(f"rows must arrive in order: expected {self.rows}.., got {rows[0]}..")
+        self.file.write(np.ascontiguousarray(values, dtype=FEATURE_DTYPE).data)
+        self.rows += len(rows)
 
 
 def _file_checksum(path: Path, shape: tuple[int, ...], dtype: np.dtype, chunk: int = 1 << 24) -> str:

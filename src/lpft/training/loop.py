@@ -25,10 +25,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lpft.features import SplitData, progress_disabled, to_device
+from lpft.backbones.base import Batch
+from lpft.data.loader import SplitData, to_device
+from lpft.features import progress_disabled
 from lpft.data.splits import SELECTION_SPLIT
 from lpft.errors import RunError
-from lpft.training import distributed
+from lpft.training import checkpoint, distributed
 from lpft.training.config import FinetuneConfig
 from lpft.training.fastpath import FastPath, resolve_fast_path
 from lpft.training.model import Classifier, set_batchnorm_mode
@@ -74,10 +76,10 @@ def predict_logits(
     out = []
     channels_last = fast is not None and fast.channels_last
     with fast.autocast(device) if fast is not None else contextlib.nullcontext():
-        for start in tqdm(range(part.start, part.stop, batch_size), desc=desc, unit="batch", leave=False, delay=1,
-                          disable=progress_disabled(progress and ctx.is_main)):
-            index = np.arange(start, min(start + batch_size, part.stop))
-            out.append(model(to_device(data.batch(index), device, channels_last)).float())
+        indices = [np.arange(start, min(start + batch_size, part.stop)) for start in range(part.start, part.stop, batch_size)]
+        for _, batch in tqdm(data.batches(indices), total=len(indices), desc=desc, unit="batch", leave=False, delay=1,
+                             disable=progress_disabled(progress and ctx.is_main)):
+            out.append(model(to_device(batch, device, channels_last)).float())
     model.train(was_training)
     logits = torch.cat(out).cpu().numpy() if out else np.zeros((0, model.head.out_features), np.float32)
     return distributed.gather_rows(logits, ctx)
@@ -139,6 +141,18 @@ def _first_step_compiled_or_eager(
         return forward_backward(eager), eager
 
 
+def _local_share(index: torch.Tensor, ctx: distributed.DistContext) -> tuple[torch.Tensor, float]:
+    """This rank's rows of a global batch and the weight that makes DDP's all-reduced gradient the global one.
+
+    A last global batch smaller than the world leaves a rank no rows: it joins the all-reduce
+    on one row with zero weight.
+    """
+    local = index[ctx.rank :: ctx.world_size]
+    if len(local) == 0:
+        return index[:1], 0.0
+    return local, ctx.world_size / len(index)
+
+
 def finetune(
     model: Classifier,
     train: SplitData,
@@ -173,6 +187,10 @@ def finetune(
     added to every batch's mean loss (L2-SP), and ``make_optimizer``, which chooses the
     parameters and their learning rates (layer-wise decay, surgical fine-tuning, adapters)
     and may return another optimiser (projection methods).
+
+    Inside :func:`lpft.training.checkpoint.checkpointing` (``lpft run --checkpoint DIR``) the loop
+    saves its whole state after every epoch and, given a checkpoint of the same run, restores it
+    and continues after the saved epoch, ending exactly as the uninterrupted run would.
     """
     if SELECTION_SPLIT not in evals:
         raise ValueError(f"fine-tuning selects the epoch on {SELECTION_SPLIT!r}; it is missing from evals")
@@ -230,40 +248,46 @@ def finetune(
                  "  ".join(f"{k} {a:.4f}" for k, a in accuracy.items()))
         keep_if_best(epoch, logits, accuracy)
 
-    def forward_backward(fwd: Callable[..., torch.Tensor], local: torch.Tensor, weight: float) -> torch.Tensor:
-        """Loss of the batch ``local`` and its gradients, scaled by ``weight`` (the DDP share); no optimiser step."""
+    def forward_backward(fwd: Callable[..., torch.Tensor], rows: torch.Tensor, batch: Batch, weight: float) -> torch.Tensor:
+        """Loss of ``batch`` (the training ``rows``) and its gradients, scaled by ``weight`` (the DDP share); no step."""
         with fast.autocast(device):
-            logits = fwd(to_device(train.batch(local), device, fast.channels_last))
-        loss = loss_fn(logits.float(), to_device(labels[local], device))
+            logits = fwd(to_device(batch, device, fast.channels_last))
+        loss = loss_fn(logits.float(), to_device(labels[rows.to(labels.device)], device))
         optimizer.zero_grad(set_to_none=True)
         objective = loss * weight
         if penalty is not None:  # on the mean loss's scale; under DDP each rank adds its share
-            objective = objective + penalty(model) * len(local) * weight
+            objective = objective + penalty(model) * len(rows) * weight
         objective.backward()
         return loss
 
-    score(0, None)  # the starting model (LP-FT: the linear probe) is a candidate too
-    step = 0
-    bar = tqdm(total=total_steps, desc="fine-tune", unit="step", disable=progress_disabled(progress and ctx.is_main),
-               leave=False)
-    for epoch in range(1, config.epochs + 1):
+    resumed = checkpoint.resume(model, optimizer, schedule, generator, device, config.epochs)  # under --checkpoint
+    if resumed is None:
+        score(0, None)  # the starting model (LP-FT: the linear probe) is a candidate too
+        step, first_epoch = 0, 1
+    else:
+        step, first_epoch = resumed.step, resumed.epoch + 1
+        loss_limit, first_bad, bad_loss = resumed.loss_limit, resumed.first_bad, resumed.bad_loss
+        best_acc, best_state = resumed.best_accuracy, resumed.best_state
+        result.history, result.best_epoch, result.logits = resumed.history, resumed.best_epoch, resumed.logits
+    bar = tqdm(total=total_steps, initial=step, desc="fine-tune", unit="step",
+               disable=progress_disabled(progress and ctx.is_main), leave=False)
+    for epoch in range(first_epoch, config.epochs + 1):
         net.train()
         set_batchnorm_mode(model, config.bn_mode)
         order = torch.randperm(len(train), generator=generator).to(train.device)
         total_loss = torch.zeros((), device=device)  # summed on device: no host sync per step
-        for start in range(0, len(order), config.batch_size):
-            index = order[start : start + config.batch_size]
-            local, weight = index[ctx.rank :: ctx.world_size], ctx.world_size / len(index)
-            if len(local) == 0:  # a last global batch smaller than the world: join the all-reduce with zero weight
-                local, weight = index[:1], 0.0
+        plan = [_local_share(order[start : start + config.batch_size], ctx)
+                for start in range(0, len(order), config.batch_size)]
+        # the loader reads ahead (workers decode later batches while this one trains)
+        for (_, weight), (rows, batch) in zip(plan, train.batches([local for local, _ in plan], epoch), strict=True):
             if before_step is not None:
                 before_step(step, model)
             if step == 0 and forward is not net and not ctx.enabled:
                 loss, forward = _first_step_compiled_or_eager(
-                    lambda fwd: forward_backward(fwd, local, weight), forward, net, model)
+                    lambda fwd: forward_backward(fwd, rows, batch, weight), forward, net, model)
             else:
-                loss = forward_backward(forward, local, weight)
-            batch_loss = loss.detach() / len(local)
+                loss = forward_backward(forward, rows, batch, weight)
+            batch_loss = loss.detach() / max(len(rows), 1)
             if loss_limit is None:
                 loss_limit = DIVERGENCE_FACTOR * torch.clamp(batch_loss, min=math.log(model.head.out_features))
             bad = ~torch.isfinite(batch_loss) | (batch_loss > loss_limit)
@@ -280,6 +304,9 @@ def finetune(
         train_loss = float(distributed.all_reduce_sum(total_loss, ctx)) / len(train)
         bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}")
         score(epoch, train_loss)
+        checkpoint.save(checkpoint.Progress(epoch, step, result.history, result.best_epoch, best_acc, best_state,
+                                            result.logits, loss_limit, first_bad, bad_loss),
+                        model, optimizer, schedule, generator, device)
     bar.close()
     model.load_state_dict(best_state)
     if fast.channels_last:
