@@ -13,6 +13,7 @@ would flatter the probe.
     python benchmarks/probe_speed.py --cases real --task emoji-styles --image-size 64
     python benchmarks/probe_speed.py --cases real --features cached.npz
     python benchmarks/probe_speed.py --grad-bench --device cuda
+    python benchmarks/probe_speed.py --cases imagenet --device cuda --ref-repeats 0   # the whole C path
 
 CPU-seconds (``time.process_time``) count every thread of the process, so the ratio
 measures work saved, not parallelism. Medians over ``--repeats`` (the reference: over
@@ -61,7 +62,31 @@ def bundled_features(task_name: str, backbone_name: str, image_size: int) -> dic
     return out
 
 
+def imagenet_case(folder: Path, n: int = 1_280_000, n_eval: int = 50_000, d: int = 2048, k: int = 1000,
+                  chunk: int = 65_536) -> dict[str, np.ndarray]:
+    """ImageNet-size features (``n`` x 2,048, 1,000 classes: class means plus noise) written to ``.npy``
+    files chunk by chunk and opened memory-mapped, as lpft's feature cache hands them to the probe."""
+    rng = np.random.default_rng(0)
+    means = (0.06 * rng.standard_normal((k, d))).astype(np.float32)
+    out: dict[str, np.ndarray] = {}
+    for split, rows in (("train", n), ("val", n_eval), ("test", n_eval)):
+        path = folder / f"X_{split}.npy"
+        y = rng.integers(0, k, rows)
+        X = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, d))
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            X[start:stop] = means[y[start:stop]] + rng.standard_normal((stop - start, d), dtype=np.float32)
+        X.flush()
+        del X
+        out[f"X_{split}"], out[f"y_{split}"] = np.load(path, mmap_mode="c"), y
+    return out
+
+
 def load_case(name: str, args: argparse.Namespace) -> dict[str, np.ndarray]:
+    if name == "imagenet":
+        import tempfile
+
+        return imagenet_case(Path(tempfile.mkdtemp(prefix="lpft-imagenet-features-")))
     if name == "real":
         if args.features is None:
             return bundled_features(args.task, args.backbone, args.image_size)
@@ -158,7 +183,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="512x10,2048x100", help="comma list of 512x10, 2048x100, real")
+    ap.add_argument("--cases", default="512x10,2048x100",
+                    help="comma list of 512x10, 2048x100, real, imagenet (1.28M x 2,048, 1,000 classes, memory-mapped)")
     ap.add_argument("--features", type=Path, help="case 'real': .npz with X_train,y_train,X_val,y_val,X_test,y_test "
                     "(default: a bundled benchmark's cached features, see --task)")
     ap.add_argument("--task", default="digits", help="case 'real' without --features: bundled benchmark (default digits)")

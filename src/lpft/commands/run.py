@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpft.commands.common import add_backbone_arguments, add_deprecated_alias, add_method_arguments
+from lpft.commands.common import (
+    add_backbone_arguments, add_deprecated_alias, add_loader_arguments, add_method_arguments,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_backbone_arguments(p)
     p.add_argument("--method", required=True, choices=method_names(registered_order=True))
     add_method_arguments(p)
+    add_loader_arguments(p)
     p.add_argument("--json", dest="json_path", type=Path, metavar="FILE",
                    help="write the run record (metrics, settings, history) to this file")
     p.add_argument("--out", type=Path, metavar="DIR",
@@ -33,17 +36,21 @@ def main(args: argparse.Namespace) -> int:
     from lpft.commands.common import (
         backbone_options, check_writable, console, method_settings, metrics_table, write_json,
     )
+    from lpft.data.loader import loading
     from lpft.runs import RunSpec, execute
 
     spec = RunSpec(args.task, args.backbone, args.method, method_settings(args, args.method),
                    backbone_options=backbone_options(args))
     if args.json_path:
         check_writable(args.json_path, "--json")
-    record = execute(spec, args.device, save=args.out, overwrite=args.overwrite, checkpoint=args.checkpoint)
+    with loading(args.workers, args.skip_bad_images):
+        record = execute(spec, args.device, save=args.out, overwrite=args.overwrite, checkpoint=args.checkpoint)
     console.print(metrics_table([record], f"{record.task} / {record.backbone_label}: accuracy (%)"))
     if args.json_path:
         write_json(args.json_path, record.to_json())
         console.print(f"wrote {args.json_path}", markup=False)
+    for split, rows in record.diagnostics.get("skipped_images", {}).items():
+        console.print(f"skipped {len(rows)} unreadable {split} image(s), e.g. {rows[0]}", markup=False)
     if args.out:
         console.print(f"saved the run to {args.out} (diagnose it with `lpft diagnose --run {args.out}`)", markup=False)
     return 0

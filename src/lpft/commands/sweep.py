@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lpft.commands.common import add_device_argument, add_rules_argument
+from lpft.commands.common import add_device_argument, add_loader_arguments, add_rules_argument
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="results database (default: DIR/results.sqlite)")
     add_device_argument(p, default=None, when_none="the spec's, else auto")
     p.add_argument("--no-report", action="store_true", help="only run the trials")
+    add_loader_arguments(p)
     p.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
                    help="each trial saves its training state after every epoch to DIR/<trial hash> (deleted once "
                         "the trial is stored), so a killed sweep resumes its unfinished trial mid-way")
@@ -33,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from lpft.commands.common import console
     from lpft.commands.report import parse_rules, print_report
+    from lpft.data.loader import loading
     from lpft.results.report import load_results, write_report
     from lpft.results.spec import load_spec
     from lpft.results.sweep import run_sweep
@@ -41,12 +43,18 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / spec.name
     db = args.db or out / "results.sqlite"
     if args.engine == "ray":
+        from lpft.errors import ConfigError
         from lpft.results.ray import run_sweep_ray
+
+        if args.workers is not None or args.skip_bad_images:
+            raise ConfigError("--workers and --skip-bad-images apply to --engine local; a Ray trial reads images "
+                              "with its own cores and stops on a bad one")
 
         summary = run_sweep_ray(spec, db, args.device, address=args.ray_address, gpus_per_trial=args.ray_gpus_per_trial,
                                 checkpoint=args.checkpoint)
     else:
-        summary = run_sweep(spec, db, args.device, checkpoint=args.checkpoint)
+        with loading(args.workers, args.skip_bad_images):
+            summary = run_sweep(spec, db, args.device, checkpoint=args.checkpoint)
     console.print(
         f"sweep {spec.name}: {summary.total} trials, {summary.skipped} already finished, {summary.finished} run now, "
         f"{summary.failed} failed ({summary.seconds:.0f}s); results in {db}", markup=False,

@@ -24,6 +24,7 @@ import torch
 from lpft.backbones import Backbone, create_backbone
 from lpft.config import MethodConfig
 from lpft.data import Task, load_task
+from lpft.data.loader import current_loading, loading
 from lpft.errors import BackboneError, ConfigError
 from lpft.evaluation import evaluate
 from lpft.methods import Method, MethodResult, create_method, method_config
@@ -157,7 +158,9 @@ def execute(
     writable before any work; a folder holding something is replaced only with ``overwrite``.
     ``checkpoint`` is a folder where the training loop saves its state after every epoch
     and from which running the same spec again resumes (:mod:`lpft.training.checkpoint`);
-    the checkpoint is kept after the run.
+    the checkpoint is kept after the run. Images are read as the caller's
+    :func:`lpft.data.loader.loading` says; training images skipped as unreadable are listed
+    in ``record.diagnostics["skipped_images"]``.
     """
     start = time.perf_counter()
     dev = resolve_device(device)
@@ -171,9 +174,13 @@ def execute(
     check_modality(task, backbone)
     loaded = time.perf_counter()
     method = create_method(spec.method, config.resolve(len(task.train)))
+    ambient = current_loading()  # workers and the bad-image policy, as the caller set them (lpft run --workers)
     with (contextlib.nullcontext() if checkpoint is None
-          else checkpointing(checkpoint, run_identity(spec, method.config, backbone, task))):
+          else checkpointing(checkpoint, run_identity(spec, method.config, backbone, task))), \
+            loading(ambient.workers, ambient.skip_bad_images) as reading:
         record, result = run_method(task, backbone, method, dev)
+    if reading.skipped:
+        record.diagnostics["skipped_images"] = reading.skipped
     record.backbone_options = {k: v for k, v in spec.backbone_options.items() if v is not None}
     record.spec = {**spec.to_json(), "hyperparameters": record.hyperparameters, "backbone_options": record.backbone_options}
     record.timings.update(load_seconds=round(loaded - start, 3), run_seconds=round(time.perf_counter() - start, 3))
