@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lpft-installed
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c requirements/constraints.txt torch torchvision
-	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[dev,ray,lora]'
+	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[dev,ray,lora,hf]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from lpft.data import Task, TaskError, load_task
+from lpft.data.check import check_images
 from lpft.data.files import load_task_yaml
 
 from conftest import TEXT_TOPICS
@@ -101,11 +102,15 @@ def test_yaml_image_task_loads_with_paths_relative_to_csv(tmp_path):
     assert len(task.train) == 4
 
 
-def test_yaml_corrupt_image_names_file_and_line(tmp_path):
+def test_yaml_corrupt_image_loads_and_check_images_names_every_use(tmp_path):
     spec = _image_task(tmp_path)
     (tmp_path / "img" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    with pytest.raises(TaskError, match=r"train.csv, line 3: cannot read image .*1.png"):
-        load_task_yaml(spec)
+    task = load_task_yaml(spec)  # loading never decodes
+    bad = check_images(task, workers=1)
+    assert [(b.split, b.where) for b in bad] == [
+        ("train", f"{tmp_path / 'train.csv'}, line 3: {tmp_path / 'img' / '1.png'}"),
+        ("ood/sketch", f"{tmp_path / 'ood.csv'}, line 3: {tmp_path / 'img' / '1.png'}"),
+    ]
 
 
 def test_yaml_missing_image_names_file_and_line(tmp_path):

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("lpft.commands.predict", "predict classes for new inputs with a saved run"),
     "demo": ("lpft.commands.demo", "LP vs FT vs LP-FT on emoji-styles (ID: noto; OOD: three other vendors)"),
     "example": ("lpft.commands.example", "write out a bundled example task (YAML + CSVs) to a folder"),
-    "data": ("lpft.commands.data", "list or prepare the bundled benchmarks"),
+    "data": ("lpft.commands.data", "list or prepare the bundled benchmarks; check every image of a task"),
     "theory": ("lpft.theory.cli", "simulate LP, FT and LP-FT on two-layer linear networks (the paper's theory)"),
     "diagnose": ("lpft.commands.diagnose",
                  "feature change, weight change, first-step gradients and calibration of saved runs"),

@@ -73,6 +73,10 @@ class InlineImage:
 
 ImageInput = Union[Path, FileRange, InlineImage]
 
+# What a file's suffix must be for an ImageFolder file or a WebDataset member to count as an image:
+# torchvision's IMG_EXTENSIONS, written out so that scanning a folder does not import torchvision.
+IMAGE_SUFFIXES: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto: white, as a page shows them
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 

@@ -10,7 +10,7 @@ row, for in-memory arrays).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,9 +33,9 @@ class Split:
     ``inputs`` holds, per example, a string (text tasks), an image reference (a file path, a
     range of a tar shard or encoded bytes: :mod:`lpft.data.images`) or, for in-memory image
     tasks, a ``uint8`` array ``[N, H, W, 3]``. ``labels`` are integer indices into the task's
-    ``classes``. ``source`` names where the rows came from (a CSV path, a folder, ``"arrays"``)
-    and ``lines``, when the rows came from a CSV, the line each row is on, so errors can point
-    at them (:meth:`locate`).
+    ``classes``. ``source`` names where the rows came from (a CSV or Parquet file, a folder, a
+    pattern of shards, ``"arrays"``) and ``lines``, when the rows came from a CSV, the line
+    each row is on, so errors can point at them (:meth:`locate`).
     """
 
     name: str
@@ -167,21 +167,22 @@ def class_names_from_labels(labels: Sequence) -> tuple[str, ...]:
 
 
 def encode_labels(
-    labels: Sequence, classes: Sequence[str], split: str, source: str, lines: Sequence[int] | None = None
+    labels: Sequence, classes: Sequence[str], split: str, source: str, where: Callable[[int], str] | None = None
 ) -> np.ndarray:
     """Map raw labels to class indices, naming where the first unknown label is on failure.
 
-    ``lines`` gives each label's line in its CSV file (as an editor numbers it: the header is
-    line 1); without it, as for in-memory arrays, the 1-based row is named instead.
+    ``where(row)`` says where a row is within ``source`` (``line 5`` of a CSV, as an editor
+    numbers it; ``train-000001.tar:key`` of a shard); without it, as for in-memory arrays, the
+    1-based row is named instead.
     """
     index = {c: i for i, c in enumerate(classes)}
     out = np.empty(len(labels), dtype=np.int64)
     for row, label in enumerate(labels):
         key = str(int(label)) if isinstance(label, (int, np.integer)) else str(label)
         if key not in index:
-            where = f"line {lines[row]}" if lines is not None else f"row {row + 1}"
+            place = where(row) if where is not None else f"row {row + 1}"
             raise TaskError(
-                f"split {split!r} ({source}), {where}: unknown label {label!r}; "
+                f"split {split!r} ({source}), {place}: unknown label {label!r}; "
                 f"known classes are {list(classes)}. Fix the label or add the class to train."
             )
         out[row] = index[key]
