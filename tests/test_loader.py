@@ -141,3 +141,33 @@ def test_cached_features_are_memory_mapped_and_equal_to_extraction(png_task, cac
     fresh = cached_features(backbone, png_task.id_val, cache=False)
     np.testing.assert_array_equal(feats, fresh)
     np.testing.assert_array_equal(again, fresh)
+
+
+def test_an_imagefolder_task_fine_tunes_with_paper_augmentation_from_the_cli(tmp_path):
+    """The README's folder example, small: class folders, --augment paper, decoding workers, a record that says so."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    task = load_task_yaml(write_png_task(tmp_path / "csv"))
+    for key, folder in (("train", "train"), ("id_val", "val"), ("id_test", "test")):
+        split = task.split(key)
+        for path, label in zip(split.inputs, split.labels):
+            target = tmp_path / "photos" / folder / task.classes[label] / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    spec = {"name": "photos", "modality": "image",
+            "splits": {"train": "photos/train/", "id_val": "photos/val/", "id_test": "photos/test/"}}
+    (tmp_path / "photos.yaml").write_text(yaml.safe_dump(spec))
+    done = subprocess.run(
+        [sys.executable, "-m", "lpft.cli", "--no-progress", "run", str(tmp_path / "photos.yaml"),
+         "--backbone", "timm:test_resnet", "--weights", "random", "--image-size", "32", "--method", "ft",
+         "--epochs", "1", "--augment", "paper", "--workers", "2", "--json", str(tmp_path / "run.json")],
+        capture_output=True, text=True, env={**__import__("os").environ, "LPFT_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["spec"]["backbone_options"]["augment"] == "paper"
+    assert set(record["metrics"]) == {"id_val", "id_test"} and len(record["history"]) == 2
