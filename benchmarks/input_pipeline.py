@@ -289,8 +289,8 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "lpft-input-pipeline",
                         help="where the generated images are kept between runs")
     parser.add_argument("--images", type=int, default=512, help="JPEGs for the decode part")
-    parser.add_argument("--train-images", type=int, default=320, help="JPEGs for the CPU training part")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--train-images", type=int, default=512, help="JPEGs for the CPU training part")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--folder-files", type=int, default=100_000)
     parser.add_argument("--feature-rows", type=int, default=200_000)
     parser.add_argument("--json", type=Path)
@@ -307,7 +307,8 @@ def main() -> int:
     if "decode" in parts:
         result["decode"] = bench_decode(rows, sorted({1, 2, cores}), args.images)
     if "train" in parts:
-        result["train"] = bench_train(rows, args.train_images, steps_warm=1, rounds=args.rounds, workers=2, batch=32)
+        result["train"] = [bench_train(rows, args.train_images, steps_warm=1, rounds=args.rounds, workers=w, batch=32)
+                           for w in (1, 2)]
     if "folder" in parts:
         result["folder"] = bench_folder(args.root, args.folder_files, check_images=256)
     if "features" in parts:
