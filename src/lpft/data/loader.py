@@ -284,7 +284,9 @@ class SplitData:
         return self._loader
 
     def _new_loader(self, plan: _Plan, persistent: bool) -> DataLoader:
-        workers = min(self.loading.workers, len(plan)) if not persistent else self.loading.workers
+        workers = self.loading.workers
+        if not persistent:  # one pass: no more workers than batches, and none for one batch (nothing to overlap)
+            workers = 0 if len(plan) == 1 else min(workers, len(plan))
         return DataLoader(
             self._dataset(), batch_sampler=plan, num_workers=workers, collate_fn=_collate,
             pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
