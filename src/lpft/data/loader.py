@@ -45,8 +45,9 @@ PREFETCH_BATCHES = 4  # batches each worker prepares ahead
 
 
 def available_cores() -> int:
-    """The cores this process may run on (a container's or taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on (a container's or taskset's share, not the machine's), divided
+    among the processes torchrun started on this machine, so DDP ranks do not oversubscribe it."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass
