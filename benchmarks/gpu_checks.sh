@@ -38,13 +38,19 @@ step train_levers_vit 120 $PY benchmarks/train_throughput.py --models vit_b16 --
 RUN=(-m lpft.cli run digits --backbone timm:resnet18 --weights random --image-size 32 --method lpft --epochs 3 --device cuda)
 step loop_auto 120 $PY "${RUN[@]}" --json "$OUT/loop_auto.json"
 step loop_fp32 90 $PY "${RUN[@]}" --precision fp32 --channels-last off --compile off --json "$OUT/loop_fp32.json"
-# Data at scale: fine-tuning from a JPEG folder (paper augmentation, workers decoding) against
+# Data at scale: fine-tuning from a JPEG folder (paper augmentation; JPEGs decoded by the workers,
+# then on the GPU: --decode workers vs device, which sets what --decode auto should mean) against
 # synthetic GPU-resident batches; the probe's whole C path on ImageNet-size memory-mapped features;
 # and lpft's own loop end to end from image files with every lever on auto (compile included).
-step input_gpu 300 $PY benchmarks/input_pipeline.py --parts gpu --json "$OUT/input_pipeline_gpu.json"
+step input_gpu 480 $PY benchmarks/input_pipeline.py --parts gpu --json "$OUT/input_pipeline_gpu.json"
 step probe_imagenet 240 $PY benchmarks/probe_speed.py --cases imagenet --device cuda --ref-repeats 0 \
     --json "$OUT/probe_imagenet.json"
 FOLDER_TASK=$($PY -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; import tempfile; \
 from conftest import write_png_task; print(write_png_task(Path(tempfile.mkdtemp()) / 'task'))")
 step loop_files_auto 150 $PY -m lpft.cli run "$FOLDER_TASK" --backbone timm:resnet18 --weights random --image-size 32 \
     --method lpft --epochs 3 --augment paper --device cuda --json "$OUT/loop_files_auto.json"
+# The same loop from JPEG files decoded by nvjpeg (--decode device), end to end.
+JPEG_TASK=$($PY -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; import tempfile; \
+from test_decode import write_jpeg_task; print(write_jpeg_task(Path(tempfile.mkdtemp()) / 'task'))")
+step loop_jpegs_device 150 $PY -m lpft.cli run "$JPEG_TASK" --backbone timm:resnet18 --weights random --image-size 32 \
+    --method lpft --epochs 3 --augment paper --decode device --device cuda --json "$OUT/loop_jpegs_device.json"

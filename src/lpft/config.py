@@ -22,6 +22,8 @@ from lpft.errors import ConfigError
 # Image preprocessing presets (an image backbone's ``augment`` option; :class:`lpft.backbones.base.ImageBackbone`).
 # Here, with no heavy import, so the command line can offer them without loading torch.
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "paper")
+# Who decodes image files (:func:`lpft.data.loader.loading`, ``--decode``): also here for the command line.
+DECODE_MODES: tuple[str, ...] = ("auto", "workers", "device")
 
 AUTO = "auto"
 C = TypeVar("C", bound="MethodConfig")

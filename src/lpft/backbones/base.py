@@ -15,6 +15,7 @@ interface, so features, methods and diagnostics never special-case a model famil
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -145,6 +146,9 @@ def _common_prefix(names: list[str]) -> str:
 
 
 CROP_PCT = 0.875  # the eval crop's share of the resized image, where a backbone's pretrained config gives none
+# timm's interpolation names that torchvision's tensor kernels implement; the others (box, hamming,
+# lanczos) fall back to bilinear when images are transformed on the device
+TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 class ImageBackbone(Backbone):
@@ -159,6 +163,8 @@ class ImageBackbone(Backbone):
       interpolation and crop share (:attr:`interpolation`, :attr:`crop_pct`).
 
     The preset is part of :attr:`preprocess_signature`, so features under one never serve another.
+    Images decoded on the device (``--decode device``) take :meth:`transform_tensor`: the same
+    preset in torch ops.
     """
 
     modality = "image"
@@ -204,6 +210,34 @@ class ImageBackbone(Backbone):
             crop_pct=self.crop_pct, scale=(0.08, 1.0), hflip=0.5, color_jitter=None,
         )
         return _FromArray(timm_transform)
+
+    def transform_tensor(self, image: torch.Tensor, train: bool) -> torch.Tensor:
+        """:meth:`image_transform` in torch ops, for an image decoded on the device: uint8 ``[3, H, W]``
+        -> float ``[3, S, S]``, on the image's device.
+
+        ``none`` is the same computation as :meth:`image_transform`, so equal on the CPU. ``paper``
+        draws the same kinds of crops and flips, from torch's global generator (the loader seeds it
+        per example), but resamples with torchvision's tensor kernels instead of PIL's: its pixels
+        differ slightly from :meth:`image_transform`'s.
+        """
+        mean, std = self._mean.to(image.device), self._std.to(image.device)
+        if self.augment == "none":
+            return ((self._resize(image[None]) - mean) / std)[0]
+        from torchvision.transforms import InterpolationMode, RandomResizedCrop
+        from torchvision.transforms.v2 import functional as F
+
+        mode = InterpolationMode(self.interpolation if self.interpolation in TENSOR_INTERPOLATIONS else "bilinear")
+        size = [self.image_size, self.image_size]
+        x = image.float().div_(255.0)
+        if train:  # timm's RandomResizedCropAndInterpolation (scale 0.08-1, ratio 3/4-4/3), then a flip half the time
+            top, left, height, width = RandomResizedCrop.get_params(x, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])
+            x = F.resized_crop(x, top, left, height, width, size, interpolation=mode, antialias=True)
+            if torch.rand(1) < 0.5:
+                x = F.horizontal_flip(x)
+        else:  # timm's evaluation transform: the shorter side to floor(S / crop_pct), then the centre S x S
+            x = F.resize(x, [math.floor(self.image_size / self.crop_pct)], interpolation=mode, antialias=True)
+            x = F.center_crop(x, size)
+        return (x.clamp_(0.0, 1.0) - mean[0]) / std[0]  # clamped as PIL's uint8 result is (bicubic overshoots)
 
     def preprocess(self, inputs: Sequence | np.ndarray) -> torch.Tensor:
         """uint8 ``[N, H, W, 3]`` arrays or image files (read by :func:`~lpft.data.images.load_rgb`) -> float

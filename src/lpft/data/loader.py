@@ -13,8 +13,10 @@ The caller gives the order (the training loop's seeded permutation, a DDP shard)
 never depend on the number of workers. Augmentation is seeded per example from ``(seed,
 epoch, row)``: the same seed gives the same crops whichever worker draws them.
 
-:func:`loading` sets how many workers to use and whether a bad training image is skipped
-(counted) rather than fatal, for every split read inside it; ``lpft run --workers N
+:func:`loading` sets how many workers to use, who decodes JPEGs (the workers, with PIL; or,
+with ``decode="device"``, the main process on the training device, the workers only reading
+the bytes: :mod:`lpft.data.decode`) and whether a bad training image is skipped (counted)
+rather than fatal, for every split read inside it; ``lpft run --workers N --decode MODE
 --skip-bad-images`` sets it for a run.
 """
 
@@ -33,6 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lpft.backbones.base import Backbone, Batch, ImageBackbone
+from lpft.config import DECODE_MODES
+from lpft.data.decode import EncodedJpeg, decode_jpegs, read_jpeg
 from lpft.data.images import load_rgb
 from lpft.data.task import Split
 from lpft.errors import TaskError
@@ -52,7 +56,13 @@ def available_cores() -> int:
 
 @dataclass
 class Loading:
-    """How splits are read: ``workers`` decoding processes (0: in this process) and the bad-image policy.
+    """How splits are read: ``workers`` reading processes (0: in this process), who decodes, the bad-image policy.
+
+    ``decode``: ``"workers"`` decode every image with PIL; ``"device"``: they only read the
+    bytes of JPEG files, which the main process decodes a batch at a time on ``device`` (the
+    device the model runs on; ``lpft run`` sets it), every other image still decoded by the
+    workers; ``"auto"``: the workers, until device decoding has been measured on a GPU
+    (``benchmarks/gpu_checks.sh``, step ``input_gpu``, times both).
 
     ``skipped`` collects, per split name, the rows of training images that could not be read
     and were left out (only with ``skip_bad_images``); the run record reports them.
@@ -60,6 +70,8 @@ class Loading:
 
     workers: int = field(default_factory=available_cores)
     skip_bad_images: bool = False
+    decode: str = "auto"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -67,11 +79,16 @@ _LOADING: contextvars.ContextVar[Loading] = contextvars.ContextVar("lpft_loading
 
 
 @contextlib.contextmanager
-def loading(workers: int | None = None, skip_bad_images: bool = False) -> Iterator[Loading]:
-    """Read every split inside the block with ``workers`` processes (default: the cores available)."""
+def loading(workers: int | None = None, skip_bad_images: bool = False, decode: str = "auto",
+            device: torch.device | str | None = None) -> Iterator[Loading]:
+    """Read every split inside the block with ``workers`` processes (default: the cores available),
+    JPEGs decoded as ``decode`` says, on ``device`` under ``"device"`` (default: the CPU); see :class:`Loading`."""
     if workers is not None and workers < 0:
         raise TaskError(f"workers (--workers) must be 0 or more; got {workers}")
-    settings = Loading(available_cores() if workers is None else workers, skip_bad_images)
+    if decode not in DECODE_MODES:
+        raise TaskError(f"decode (--decode) must be one of {list(DECODE_MODES)}; got {decode!r}")
+    settings = Loading(available_cores() if workers is None else workers, skip_bad_images, decode,
+                       torch.device("cpu" if device is None else device))
     token = _LOADING.set(settings)
     try:
         yield settings
@@ -83,33 +100,44 @@ def current_loading() -> Loading:
     return _LOADING.get()
 
 
+_Read = torch.Tensor | EncodedJpeg | str  # a row as a worker returns it: pixels, JPEG bytes, or an error
+
+
 class _Rows(Dataset):
     """Rows of an image split, each decoded and transformed alone; indexed by ``(row, epoch)``.
 
-    Never raises for a bad image: it returns the error text, so the main process can name the
-    file cleanly (an exception from a worker arrives wrapped in the worker's traceback).
+    With ``read_jpegs`` (``decode="device"``), a JPEG the device can decode is only read, and
+    returned as its bytes. Never raises for a bad image: it returns the error text, so the
+    main process can name the file cleanly (an exception from a worker arrives wrapped in the
+    worker's traceback).
     """
 
-    def __init__(self, split: Split, backbone: ImageBackbone, train: bool, seed: int) -> None:
+    def __init__(self, split: Split, backbone: ImageBackbone, train: bool, seed: int, read_jpegs: bool) -> None:
         self.inputs = split.inputs
         self.transform = backbone.image_transform(train)
         self.seeded = train and backbone.augment != "none"
         self.seed = seed
+        self.read_jpegs = read_jpegs
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor | str]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, _Read]:
         row, epoch = key
         try:
             item = self.inputs[row]
-            image = item if isinstance(item, np.ndarray) else load_rgb(item)
-            if not self.seeded:
-                return row, self.transform(image)
-            with _seeded(self.seed, epoch, row):
-                return row, self.transform(image)
+            if isinstance(item, np.ndarray):
+                return row, self._transformed(item, row, epoch)
+            jpeg = read_jpeg(item) if self.read_jpegs else None
+            return row, jpeg if jpeg is not None else self._transformed(load_rgb(item), row, epoch)
         except Exception as exc:  # noqa: BLE001 - PIL and decoders raise many types; reported by the caller
             return row, f"{type(exc).__name__}: {exc}"
+
+    def _transformed(self, image: np.ndarray, row: int, epoch: int) -> torch.Tensor:
+        if not self.seeded:
+            return self.transform(image)
+        with _seeded(self.seed, epoch, row):
+            return self.transform(image)
 
 
 @contextlib.contextmanager
@@ -126,11 +154,20 @@ def _seeded(seed: int, epoch: int, row: int) -> Iterator[None]:
             random.setstate(saved)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, str]]:
-    """Rows read, their stacked tensors, and the rows that failed with their errors."""
-    good = [(row, x) for row, x in items if isinstance(x, torch.Tensor)]
+_Collated = tuple[torch.Tensor, torch.Tensor | list[torch.Tensor | EncodedJpeg] | None, dict[int, str]]
+
+
+def _collate(items: list[tuple[int, _Read]]) -> _Collated:
+    """Rows read, their stacked tensors, and the rows that failed with their errors.
+
+    When JPEG bytes are among them (``decode="device"``) the rows' reads stay a list, for the
+    main process to decode and stack (:meth:`SplitData._on_device`).
+    """
+    good = [(row, x) for row, x in items if not isinstance(x, str)]
     bad = {row: x for row, x in items if isinstance(x, str)}
     rows = torch.tensor([row for row, _ in good], dtype=torch.long)
+    if any(isinstance(x, EncodedJpeg) for _, x in good):
+        return rows, [x for _, x in good], bad
     return rows, torch.stack([x for _, x in good]) if good else None, bad
 
 
@@ -152,7 +189,9 @@ class SplitData:
 
     ``train`` marks the split fine-tuning trains on: with an augmenting backbone
     (``augment="paper"``) its batches are augmented, seeded by ``seed``, and it is always
-    streamed. Every other split is read as evaluation sees it.
+    streamed. Every other split is read as evaluation sees it. Under ``decode="device"``
+    (:class:`Loading`) streamed batches come on the loading's device, and a preloaded split is
+    decoded there once and held on the host like any other.
     """
 
     def __init__(self, backbone: Backbone, split: Split, train: bool = False, seed: int = 0,
@@ -161,6 +200,8 @@ class SplitData:
         self.split = split
         self.loading = current_loading()
         self.augmented = train and isinstance(backbone, ImageBackbone) and backbone.augment != "none"
+        # "auto" means the workers until device decoding has been measured on a GPU (see Loading)
+        self.decode = "device" if self.loading.decode == "device" and isinstance(backbone, ImageBackbone) else "workers"
         self._train, self._seed = train, seed
         self._loader: DataLoader | None = None
         self._plan = _Plan()
@@ -179,7 +220,7 @@ class SplitData:
         chunks = [np.arange(i, min(i + PRELOAD_CHUNK, len(split))) for i in range(0, len(split), PRELOAD_CHUNK)]
         if self.backbone.modality == "text" or isinstance(split.inputs, np.ndarray):
             return _concat([self.backbone.preprocess(self._inputs(c)) for c in chunks])
-        read = list(self._stream(chunks, epoch=0, keep_workers=False))
+        read = [(rows, batch.cpu()) for rows, batch in self._stream(chunks, epoch=0, keep_workers=False)]
         if sum(len(rows) for rows, _ in read) < len(split):
             return None
         return _concat([batch for _, batch in read])
@@ -205,7 +246,7 @@ class SplitData:
 
     @property
     def device(self) -> torch.device:
-        """Where batches come from: a preloaded split's device (see :meth:`to`), else the CPU."""
+        """Where rows are indexed: a preloaded split's device (see :meth:`to`), else the CPU."""
         if self._tensors is None:
             return torch.device("cpu")
         return next(iter(self._tensors.values())).device if isinstance(self._tensors, dict) else self._tensors.device
@@ -234,7 +275,8 @@ class SplitData:
         if self._tensors is not None:
             return next(self.batches([index], epoch))[1]
         rows = [int(i) for i in torch.as_tensor(index).tolist()]
-        _, tensors, bad = _collate([self._dataset()[(row, epoch)] for row in rows])
+        dataset = self._dataset(self.decode == "device")
+        _, tensors, bad = self._on_device(*_collate([dataset[(row, epoch)] for row in rows]), epoch)
         self._check(bad)
         return tensors
 
@@ -247,7 +289,8 @@ class SplitData:
         if keep_workers:  # the persistent loader re-reads its sampler each pass
             self._plan.batches = plan.batches
         loader = self._data_loader() if keep_workers else self._new_loader(plan, persistent=False)
-        for rows, tensors, bad in loader:
+        for read in loader:
+            rows, tensors, bad = self._on_device(*read, epoch)
             self._check(bad)
             if tensors is None:
                 raise TaskError(f"no image of a batch of {self.split.name} ({self.split.source}) could be read, the "
@@ -274,9 +317,40 @@ class SplitData:
                 skipped.append(where)
                 log.warning("skipping unreadable training image %s: %s", where, error)
 
-    def _dataset(self) -> _Rows:
+    def _on_device(self, rows: torch.Tensor, images: torch.Tensor | list[torch.Tensor | EncodedJpeg] | None,
+                   bad: dict[int, str], epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, str]]:
+        """A collated batch with its JPEGs decoded and transformed on the loading's device, and stacked there.
+
+        Only under ``decode="device"`` (otherwise the workers stacked it). A JPEG the device
+        fails to decode is read as a worker reads it under ``decode="workers"``, so a bad image
+        is named, or skipped, exactly as there.
+        """
+        if not isinstance(images, list):
+            return rows, images, bad
+        assert isinstance(self.backbone, ImageBackbone), "only image splits are decoded"
+        device = self.loading.device
+        decoded = iter(decode_jpegs([x for x in images if isinstance(x, EncodedJpeg)], device))
+        kept, tensors, bad = [], [], dict(bad)
+        for row, image in zip(rows.tolist(), images):
+            if isinstance(image, EncodedJpeg):
+                pixels = next(decoded)
+                if pixels is None:
+                    image = self._dataset(read_jpegs=False)[(row, epoch)][1]
+                elif self.augmented:
+                    with _seeded(self._seed, epoch, row):
+                        image = self.backbone.transform_tensor(pixels, train=True)
+                else:
+                    image = self.backbone.transform_tensor(pixels, self._train)
+            if isinstance(image, str):
+                bad[row] = image
+            else:
+                kept.append(row)
+                tensors.append(image.to(device))
+        return torch.tensor(kept, dtype=torch.long), torch.stack(tensors) if tensors else None, bad
+
+    def _dataset(self, read_jpegs: bool) -> _Rows:
         assert isinstance(self.backbone, ImageBackbone), "only image splits are streamed"
-        return _Rows(self.split, self.backbone, self._train, self._seed)
+        return _Rows(self.split, self.backbone, self._train, self._seed, read_jpegs)
 
     def _data_loader(self) -> DataLoader:
         """One DataLoader per split, its workers kept alive across epochs and evaluations."""
@@ -289,7 +363,7 @@ class SplitData:
         if not persistent:  # one pass: no more workers than batches, and none for one batch (nothing to overlap)
             workers = 0 if len(plan) == 1 else min(workers, len(plan))
         return DataLoader(
-            self._dataset(), batch_sampler=plan, num_workers=workers, collate_fn=_collate,
+            self._dataset(self.decode == "device"), batch_sampler=plan, num_workers=workers, collate_fn=_collate,
             pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
             prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         )

@@ -174,10 +174,10 @@ def execute(
     check_modality(task, backbone)
     loaded = time.perf_counter()
     method = create_method(spec.method, config.resolve(len(task.train)))
-    ambient = current_loading()  # workers and the bad-image policy, as the caller set them (lpft run --workers)
+    ambient = current_loading()  # workers, decoding and the bad-image policy, as the caller set them (lpft run --workers)
     with (contextlib.nullcontext() if checkpoint is None
           else checkpointing(checkpoint, run_identity(spec, method.config, backbone, task))), \
-            loading(ambient.workers, ambient.skip_bad_images) as reading:
+            loading(ambient.workers, ambient.skip_bad_images, ambient.decode, dev) as reading:  # decoded where it runs
         record, result = run_method(task, backbone, method, dev)
     if reading.skipped:
         record.diagnostics["skipped_images"] = reading.skipped

@@ -197,7 +197,9 @@ def finetune(
     ctx = distributed.context(device)
     fast = resolve_fast_path(config, model.backbone, device)
     result = FinetuneResult(fast_path=fast.describe())
-    log.info("training on %s: %s", device, fast.summary())
+    decoding = "" if model.backbone.modality != "image" else (
+        f", JPEGs decoded on {train.loading.device}" if train.decode == "device" else ", images decoded by the workers")
+    log.info("training on %s: %s%s", device, fast.summary(), decoding)
     model.to(device)
     if fast.channels_last:
         model.to(memory_format=torch.channels_last)
