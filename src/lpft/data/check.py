@@ -55,7 +55,7 @@ def check_images(task: Task, workers: int) -> list[BadImage]:
     """
     from tqdm.auto import tqdm
 
-    from lpft.features import progress_disabled
+    from lpft.progress import progress_disabled
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")

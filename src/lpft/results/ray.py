@@ -17,13 +17,17 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from lpft.progress import progress_disabled
 from lpft.results.store import Store
 from lpft.results.spec import SweepSpec
-from lpft.results.sweep import SweepSummary, expand, register, run_trial
+from lpft.results.sweep import SweepSummary, expand, register, run_trial, track_trial
+
+if TYPE_CHECKING:
+    from lpft.runs.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ def run_sweep_ray(
     progress: bool = True,
     init_options: dict[str, Any] | None = None,
     checkpoint: str | Path | None = None,
+    tracker: Tracker | None = None,
 ) -> SweepSummary:
     """Run the spec's unfinished trials as Ray tasks; returns the same summary as the serial loop.
 
@@ -45,7 +50,8 @@ def run_sweep_ray(
     without an initialised Ray, a local instance is started (``init_options`` go to
     ``ray.init``). ``cpus_per_trial``/``gpus_per_trial`` are each task's resource request.
     ``checkpoint`` is a folder every worker reaches where trials checkpoint their epochs
-    (:func:`~lpft.results.sweep.run_trial`).
+    (:func:`~lpft.results.sweep.run_trial`). With ``tracker``, this driver logs each trial that
+    finishes (:func:`~lpft.results.sweep.track_trial`), so the logs land where the sweep was started.
     """
     try:
         import ray
@@ -62,9 +68,10 @@ def run_sweep_ray(
         ray.init(address=address, **(init_options or {}))
     task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)(run_trial)
     folder = None if checkpoint is None else str(Path(checkpoint).resolve())
-    waiting = [task.remote(trial, str(db_path), device or spec.device, folder) for trial in pending]
+    hashes = {task.remote(trial, str(db_path), device or spec.device, folder): trial.hash for trial in pending}
+    waiting = list(hashes)
     outcomes = {"finished": 0, "failed": 0, "skipped": 0}
-    bar = tqdm(total=len(waiting), desc=f"sweep {spec.name} (ray)", unit="trial", disable=not progress)
+    bar = tqdm(total=len(waiting), desc=f"sweep {spec.name} (ray)", unit="trial", disable=progress_disabled(progress))
     while waiting:
         done, waiting = ray.wait(waiting, num_returns=1)
         try:
@@ -73,6 +80,8 @@ def run_sweep_ray(
             log.exception("a Ray task died; its trial stays unfinished and runs again on resume")
             status = "failed"
         outcomes[status] += 1
+        if tracker is not None and status == "finished":
+            track_trial(tracker, db_path, spec.name, hashes[done[0]])
         bar.update(1)
     bar.close()
     return SweepSummary(len(trials), len(trials) - len(pending) + outcomes["skipped"], outcomes["finished"],

@@ -331,6 +331,11 @@ class Store:
         row = self._conn.execute("SELECT status FROM trials WHERE config_hash=?", (config_hash,)).fetchone()
         return None if row is None else row["status"]
 
+    def trial(self, config_hash: str) -> StoredTrial | None:
+        """One trial by its hash, whatever its status; None when it is not registered."""
+        row = self._conn.execute("SELECT * FROM trials WHERE config_hash=?", (config_hash,)).fetchone()
+        return None if row is None else _decode(row)
+
     def counts(self) -> dict[str, int]:
         """Number of trials per status."""
         rows = self._conn.execute("SELECT status, COUNT(*) AS n FROM trials GROUP BY status").fetchall()

@@ -22,16 +22,19 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from lpft.features import progress_disabled
 from lpft.methods import method_config
+from lpft.progress import progress_disabled
 from lpft.results.spec import SweepSpec
 from lpft.results.store import Store
 from lpft.runs import RunSpec, execute
 from lpft.runs.pipeline import canonical, load_task_once
+
+if TYPE_CHECKING:
+    from lpft.runs.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +134,29 @@ def register(spec: SweepSpec, trials: Sequence[Trial], store: Store) -> list[Tri
     return pending
 
 
+def track_trial(tracker: Tracker, db_path: str | Path, sweep: str, config_hash: str) -> None:
+    """Log a finished trial, as the store holds it, to ``tracker`` (experiment ``sweep``); a tracker error is a warning.
+
+    Read back from the store so that both engines log what the report will show, from the
+    process that drives the sweep (a Ray worker's tracker would write on its own node). A trial
+    whose lease another process took over is that process's to log.
+    """
+    from lpft.results.report import stored_record
+    from lpft.runs.tracking import log_safely
+
+    with Store(db_path, readonly=True) as store:
+        stored = store.trial(config_hash)
+    if stored is not None and stored.status == "finished":
+        log_safely(tracker, stored_record(stored), sweep, config_hash)
+
+
 def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, progress: bool = True,
-              checkpoint: str | Path | None = None) -> SweepSummary:
+              checkpoint: str | Path | None = None, tracker: Tracker | None = None) -> SweepSummary:
     """Run the spec's unfinished trials one after another, resuming where a previous run stopped.
 
     With ``checkpoint`` (a folder), each trial checkpoints its epochs there (:func:`run_trial`),
-    so an interrupted trial resumes mid-way rather than from its start.
+    so an interrupted trial resumes mid-way rather than from its start. With ``tracker``, each
+    trial this call finishes is also logged there (:func:`track_trial`), under the sweep's name.
     """
     start = time.perf_counter()
     trials = expand(spec)
@@ -148,7 +168,10 @@ def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, p
     bar = tqdm(pending, desc=f"sweep {spec.name}", unit="trial", disable=progress_disabled(progress))
     for trial in bar:
         bar.set_postfix_str(trial.label)
-        outcomes[run_trial(trial, db_path, device or spec.device, checkpoint)] += 1
+        status = run_trial(trial, db_path, device or spec.device, checkpoint)
+        outcomes[status] += 1
+        if tracker is not None and status == "finished":
+            track_trial(tracker, db_path, spec.name, trial.hash)
     bar.close()
     return SweepSummary(len(trials), len(trials) - len(pending) + outcomes["skipped"], outcomes["finished"],
                         outcomes["failed"], time.perf_counter() - start)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
         v_star_norm=args.v_star_norm, head_scale=args.head_scale, base_seed=args.seed,
     )
     start = time.perf_counter()
-    # a bar only on a terminal and unless switched off, as lpft.features.progress_disabled decides for lpft's others
-    result = simulate(settings, progress=sys.stderr.isatty() and not os.environ.get("TQDM_DISABLE"))
+    result = simulate(settings, progress=True)  # drawn only on a terminal, unless switched off (lpft.progress)
     json_path = args.json_path or args.out / "theory.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from lpft.progress import progress_disabled
+
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("lp", "ft_random", "ft_zero", "lpft")
@@ -166,7 +168,7 @@ def gradient_descent(
     c = np.einsum("rni,rn->ri", x, y) / n
     v, b = v.copy(), b.copy()
     chunk = 100
-    with tqdm(total=steps, desc="gradient descent", unit="step", disable=not progress) as bar:
+    with tqdm(total=steps, desc="gradient descent", unit="step", disable=progress_disabled(progress)) as bar:
         for start in range(0, steps, chunk):
             for _ in range(min(chunk, steps - start)):
                 w = np.einsum("rk,rkd->rd", v, b)

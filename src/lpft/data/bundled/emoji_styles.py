@@ -31,6 +31,7 @@ from tqdm import tqdm
 from lpft.data.bundled.cache import benchmark_dir, load_npz, save_npz_atomic
 from lpft.data.bundled.npm import fetch_package, pinned
 from lpft.data.registry import register_benchmark
+from lpft.progress import progress_disabled
 from lpft.data.task import Task, TaskError
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def prepare(size: int) -> dict[str, np.ndarray]:
         "groups": np.array(merge_identical([group_key(cp) for cp in codepoints], svgs.values())),
     }
     total = len(STYLES) * len(codepoints)
-    with tqdm(total=total, desc=f"rendering emoji at {size}px", unit="img", disable=None) as bar:
+    with tqdm(total=total, desc=f"rendering emoji at {size}px", unit="img", disable=progress_disabled()) as bar:
         for style in STYLES:
             images = np.empty((len(codepoints), size, size, 3), dtype=np.uint8)
             for i, svg in enumerate(svgs[style]):
