@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -171,3 +172,16 @@ def test_an_imagefolder_task_fine_tunes_with_paper_augmentation_from_the_cli(tmp
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["spec"]["backbone_options"]["augment"] == "paper"
     assert set(record["metrics"]) == {"id_val", "id_test"} and len(record["history"]) == 2
+
+
+def test_a_feature_cache_hit_decodes_nothing(tmp_path, cache):
+    task = load_task_yaml(write_png_task(tmp_path))
+    backbone = _backbone()
+    with loading(workers=0):
+        feats = np.array(cached_features(backbone, task.id_val))
+        for path in task.id_val.inputs:  # garbage of the same size and mtime: the same cache key
+            stat = path.stat()
+            path.write_bytes(b"x" * stat.st_size)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        # were the images decoded again, the garbage would stop this
+        np.testing.assert_array_equal(cached_features(backbone, task.id_val), feats)

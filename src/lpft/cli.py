@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "advise": ("lpft.commands.advise", "predict, before training, whether LP-FT will beat FT out of distribution"),
     "sweep": ("lpft.commands.sweep", "run a sweep spec (YAML); re-running resumes, skipping finished trials"),
     "report": ("lpft.commands.report", "tables and plots from a sweep's results database"),
+    "soup": ("lpft.commands.soup", "average the tuned weights of a sweep's runs: uniform and greedy model soups"),
     "reproduce": ("lpft.commands.reproduce", "the paper's LP / FT / LP-FT protocol on every bundled benchmark"),
 }
 DATE_FORMAT = "%H:%M:%S"
@@ -119,7 +120,7 @@ def progress_and_logging(show_bars: bool) -> Iterator[None]:
     """Run a command with log lines written through ``tqdm.write`` (above the bars, never on them).
 
     Without ``show_bars`` the command runs with ``TQDM_DISABLE=1``, which lpft's bars (see
-    :func:`lpft.features.progress_disabled`) and child processes read. Bars that an error left
+    :func:`lpft.progress.progress_disabled`) and child processes read. Bars that an error left
     open are closed on the way out, so that the error message starts a line of its own.
     """
     from tqdm import tqdm

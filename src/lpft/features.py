@@ -1,8 +1,8 @@
 """Feature extraction, cached on disk, and split data held ready for training.
 
-Features are keyed by the backbone's fingerprint (weights digest and preprocessing) and a
-digest of the split's inputs, so a second LP run, or the LP stage of LP-FT, reads them
-from disk instead of running the backbone again.
+Features are keyed by the backbone's fingerprint (weights digest and preprocessing), a
+digest of the split's inputs and, under ``--decode device``, the JPEG decoder, so a second
+LP run, or the LP stage of LP-FT, reads them from disk instead of running the backbone again.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from lpft.backbones.base import Backbone, Batch
-from lpft.data.loader import SplitData, to_device
+from lpft.data.loader import SplitData, current_loading, to_device
 from lpft.data.images import input_identity
 from lpft.data.task import Split
 from lpft.paths import atomic_target, cache_dir, remove_stale_temps, write_atomic
+from lpft.progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,13 @@ def split_digest(split: Split) -> str:
     return h.hexdigest()
 
 
-def feature_cache_key(backbone: Backbone, split: Split) -> str:
+def feature_cache_key(backbone: Backbone, split: Split, decoder: str = "") -> str:
+    """The cache entry of ``split``'s features under ``backbone``; ``decoder`` names a JPEG decoder
+    other than the workers' PIL (``--decode device``), whose pixels may differ: its features are kept apart."""
     key = f"format={CACHE_FORMAT}\n{backbone.fingerprint}\n{split_digest(split)}"
+    if decoder:
+        key += f"\ndecoder={decoder}"
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def progress_disabled(wanted: bool = True) -> bool | None:
-    """tqdm's ``disable=`` for lpft's bars: ``True`` when the caller wants none or ``TQDM_DISABLE`` is set
-    (``lpft --no-progress`` sets it), else ``None``: tqdm draws the bar only on a terminal.
-
-    Passing ``disable`` at all overrides tqdm's own reading of ``TQDM_DISABLE``, hence the check here.
-    """
-    return True if not wanted or os.environ.get("TQDM_DISABLE") else None
 
 
 @torch.inference_mode()
@@ -124,16 +119,18 @@ def cached_features(
     shape, dtype or checksum differs is logged as a warning with its path and rebuilt.
     """
     shape = (len(split), backbone.feature_dim)
-    data = SplitData(backbone, split)
     if not cache:
-        return compute_features(backbone, data, device, batch_size, desc=f"features {split.name}")
-    key = feature_cache_key(backbone, split)
+        return compute_features(backbone, SplitData(backbone, split), device, batch_size, desc=f"features {split.name}")
+    reading = current_loading()
+    decoder = f"decode_jpeg:{reading.device.type}" if reading.decoder(backbone) == "device" else ""
+    key = feature_cache_key(backbone, split, decoder)
     path = cache_dir() / "features" / key[:2] / f"{key}.npy"
     remove_stale_temps(path.parent)
     feats = _read_entry(path, shape)
     if feats is not None:
         log.debug("feature cache hit %s (%s, %s)", path, backbone.name, split.name)
         return feats
+    data = SplitData(backbone, split)  # only now: a small split is decoded whole when this is built
     with atomic_target(path) as tmp:
         with open(tmp, "wb") as f:
             compute_features(backbone, data, device, batch_size, desc=f"features {split.name}", out=_NpyAppender(f, shape))

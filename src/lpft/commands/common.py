@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lpft.config import AUGMENT_PRESETS
+from lpft.config import AUGMENT_PRESETS, DECODE_MODES
 from lpft.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -131,12 +131,29 @@ def backbone_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--workers`` and ``--skip-bad-images``: how image files are read (they never change a result)."""
+    """``--workers``, ``--decode`` and ``--skip-bad-images``: how image files are read.
+
+    None changes a result, except that ``--decode device`` decodes JPEGs with the device's
+    decoder, whose pixels may differ slightly from PIL's on a GPU (docs/scale.md).
+    """
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="processes decoding images while the model computes (default: the cores available; "
                              "0: decode in the training process)")
+    parser.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                        help="who decodes JPEG files: workers (PIL), or device (the workers only read the bytes; "
+                             "each batch is decoded on the training device: nvjpeg on CUDA); auto: workers, "
+                             "until device decoding is measured on a GPU")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave unreadable training images out, counted in the run record, instead of stopping")
+
+
+def add_track_argument(parser: argparse.ArgumentParser) -> None:
+    """``--track``: log each finished run to an experiment tracker (:func:`lpft.runs.tracking.create_tracker`)."""
+    parser.add_argument(
+        "--track", default=None, metavar="mlflow[:URI]|tensorboard[:DIR]",
+        help="log each finished run to MLflow (default store: ./mlruns) or TensorBoard (default: ./tensorboard-runs); "
+             "needs pip install 'lpft[mlflow]' or 'lpft[tensorboard]' (docs/tracking.md)",
+    )
 
 
 def add_rules_argument(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lpft.commands.common import (
-    add_backbone_arguments, add_deprecated_alias, add_loader_arguments, add_method_arguments,
+    add_backbone_arguments, add_deprecated_alias, add_loader_arguments, add_method_arguments, add_track_argument,
 )
 
 
@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="save the training state to DIR after every epoch; the same command again resumes "
                         "after the last saved epoch (DIR is kept; docs/scale.md)")
+    add_track_argument(p)
     p.set_defaults(func=main)
 
 
@@ -38,12 +39,14 @@ def main(args: argparse.Namespace) -> int:
     )
     from lpft.data.loader import loading
     from lpft.runs import RunSpec, execute
+    from lpft.runs.tracking import create_tracker, log_safely
 
+    tracker = create_tracker(args.track) if args.track else None  # a bad --track fails before any work
     spec = RunSpec(args.task, args.backbone, args.method, method_settings(args, args.method),
                    backbone_options=backbone_options(args))
     if args.json_path:
         check_writable(args.json_path, "--json")
-    with loading(args.workers, args.skip_bad_images):
+    with loading(args.workers, args.skip_bad_images, args.decode):
         record = execute(spec, args.device, save=args.out, overwrite=args.overwrite, checkpoint=args.checkpoint)
     console.print(metrics_table([record], f"{record.task} / {record.backbone_label}: accuracy (%)"))
     if args.json_path:
@@ -53,4 +56,6 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"skipped {len(rows)} unreadable {split} image(s), e.g. {rows[0]}", markup=False)
     if args.out:
         console.print(f"saved the run to {args.out} (diagnose it with `lpft diagnose --run {args.out}`)", markup=False)
+    if tracker is not None:  # last: the run's own outputs are written whatever the tracker does
+        log_safely(tracker, record, record.task)
     return 0

@@ -74,6 +74,11 @@ class Loading:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
+    def decoder(self, backbone: Backbone) -> str:
+        """Who decodes ``backbone``'s JPEGs: ``"workers"`` or ``"device"`` (``"auto"`` means the workers,
+        until device decoding has been measured on a GPU)."""
+        return "device" if self.decode == "device" and isinstance(backbone, ImageBackbone) else "workers"
+
 
 _LOADING: contextvars.ContextVar[Loading] = contextvars.ContextVar("lpft_loading", default=Loading())
 
@@ -200,8 +205,7 @@ class SplitData:
         self.split = split
         self.loading = current_loading()
         self.augmented = train and isinstance(backbone, ImageBackbone) and backbone.augment != "none"
-        # "auto" means the workers until device decoding has been measured on a GPU (see Loading)
-        self.decode = "device" if self.loading.decode == "device" and isinstance(backbone, ImageBackbone) else "workers"
+        self.decode = self.loading.decoder(backbone)
         self._train, self._seed = train, seed
         self._loader: DataLoader | None = None
         self._plan = _Plan()

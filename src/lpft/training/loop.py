@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lpft.backbones.base import Batch
 from lpft.data.loader import SplitData, to_device
-from lpft.features import progress_disabled
+from lpft.progress import progress_disabled
 from lpft.data.splits import SELECTION_SPLIT
 from lpft.errors import RunError
 from lpft.training import checkpoint, distributed
