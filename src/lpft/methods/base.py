@@ -106,10 +106,17 @@ def create_method(name: str, config: MethodConfig | Mapping[str, Any] | None = N
     return cls(config)
 
 
+# Results made after training from other runs' weights (lpft.results.soup), not registered
+# methods: they have no fit of their own, only a name in the results and a label in reports.
+POST_HOC_LABELS: dict[str, str] = {"uniform-soup": "Uniform soup", "greedy-soup": "Greedy soup"}
+
+
 def method_label(name: str) -> str:
-    """The display label of a registered method (its name, upper-cased, for an unknown one)."""
+    """The display label of a registered or post-hoc method (its name, upper-cased, for an unknown one)."""
     _import_builtin()
-    return _METHODS[name].label if name in _METHODS else name.upper()
+    if name in _METHODS:
+        return _METHODS[name].label
+    return POST_HOC_LABELS.get(name, name.upper())
 
 
 def _import_builtin() -> None:

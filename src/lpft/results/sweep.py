@@ -83,7 +83,8 @@ def expand(spec: SweepSpec) -> list[Trial]:
     return trials
 
 
-def run_trial(trial: Trial, db_path: str | Path, device: str = "auto", checkpoint: str | Path | None = None) -> str:
+def run_trial(trial: Trial, db_path: str | Path, device: str = "auto", checkpoint: str | Path | None = None,
+              keep_runs: str | Path | None = None) -> str:
     """Claim one trial, run it and write it to the store; returns ``finished``, ``failed`` or ``skipped``.
 
     A trial that is finished, or held by another live process, is skipped. The trial runs
@@ -92,15 +93,18 @@ def run_trial(trial: Trial, db_path: str | Path, device: str = "auto", checkpoin
     is recorded as ``failed`` (with its traceback) and not raised, so one bad trial does not
     stop a sweep. With ``checkpoint``, the trial saves its training state after every epoch
     to its own subfolder ``checkpoint/<trial hash>``, so a killed sweep resumes its unfinished
-    trial mid-way; the subfolder is deleted once the trial's result is stored.
+    trial mid-way; the subfolder is deleted once the trial's result is stored. With
+    ``keep_runs``, the finished run is saved as ``keep_runs/<trial hash>`` (weights, logits,
+    record: :func:`lpft.runs.artifacts.save_run`), what model soups are made from.
     """
     folder = None if checkpoint is None else Path(checkpoint) / trial.hash
+    save = None if keep_runs is None else Path(keep_runs) / trial.hash
     with Store(db_path) as store:
         if not store.claim(trial.hash):
             return "skipped"
         with store.lease(trial.hash):
             try:
-                record = execute(trial.spec, device, checkpoint=folder)
+                record = execute(trial.spec, device, checkpoint=folder, save=save, overwrite=True)
             except Exception:  # noqa: BLE001  (recorded in the store and logged; the sweep goes on)
                 log.exception("trial %s failed", trial.label)
                 store.mark_failed(trial.hash, traceback.format_exc())
@@ -151,7 +155,8 @@ def track_trial(tracker: Tracker, db_path: str | Path, sweep: str, config_hash: 
 
 
 def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, progress: bool = True,
-              checkpoint: str | Path | None = None, tracker: Tracker | None = None) -> SweepSummary:
+              checkpoint: str | Path | None = None, tracker: Tracker | None = None,
+              keep_runs: str | Path | None = None) -> SweepSummary:
     """Run the spec's unfinished trials one after another, resuming where a previous run stopped.
 
     With ``checkpoint`` (a folder), each trial checkpoints its epochs there (:func:`run_trial`),
@@ -168,7 +173,7 @@ def run_sweep(spec: SweepSpec, db_path: str | Path, device: str | None = None, p
     bar = tqdm(pending, desc=f"sweep {spec.name}", unit="trial", disable=progress_disabled(progress))
     for trial in bar:
         bar.set_postfix_str(trial.label)
-        status = run_trial(trial, db_path, device or spec.device, checkpoint)
+        status = run_trial(trial, db_path, device or spec.device, checkpoint, keep_runs)
         outcomes[status] += 1
         if tracker is not None and status == "finished":
             track_trial(tracker, db_path, spec.name, trial.hash)
