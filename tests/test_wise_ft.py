@@ -194,6 +194,8 @@ def test_a_sweep_stores_the_curve_and_the_report_and_plot_read_it(cache, tmp_pat
     (table,) = report.tables
     (row,) = table.rows
     assert row.label == "WiSE-FT" and row.cells[ID_TEST].mean == record.metrics[ID_TEST]["accuracy"]
+    assert f"chosen alpha per seed: {record.selected['alpha']:.3g}" in row.chosen  # the alpha it kept, shown
+    assert any(p.name.endswith("_wise_curve.png") for p in report.images)  # the report draws the curve
     points = wise_points(record)
     assert [p[0] for p in points] == ALPHAS
     assert points[0][1:] == (curve[0]["accuracy"][ID_TEST], curve[0]["accuracy"]["ood/inverted"])

@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from lpft.data.splits import ID_TEST, ID_VAL, is_ood
+from lpft.diagnostics.wise import plot_wise_curve
 from lpft.errors import StoreError
 from lpft.results.plots import plot_accuracy_vs_lr, plot_id_vs_ood, slug
 from lpft.results.selection import IDValidation, SelectionRule
@@ -42,6 +43,15 @@ def stored_record(stored: StoredTrial) -> RunRecord:
         environment=stored.environment, backbone_options=config["backbone_options"], diagnostics=stored.diagnostics,
         spec=config,
     )
+
+
+def _selected_trials(group: Sequence[RunRecord], rule: SelectionRule, method: str) -> list[RunRecord]:
+    """The trials of the setting ``rule`` chose for ``method`` in one (task, backbone) group, one per seed."""
+    chosen = [s for s in rule.select(group) if s.method == method]
+    if not chosen:
+        return []
+    setting = json.dumps({k: v for k, v in chosen[0].hyperparameters.items() if k != "seed"}, sort_keys=True)
+    return sorted((t for t in group if t.method == method and t.setting == setting), key=lambda t: t.seed)
 
 
 def load_results(db: Path | str, sweep: str | None = None) -> list[RunRecord]:
@@ -101,6 +111,9 @@ def write_report(
             path = out / f"{image_prefix}{name}_accuracy_vs_lr.png"
             if plot_accuracy_vs_lr(group, rules[0], path):
                 images.append(path)
+            wise = _selected_trials(group, rules[0], "wise-ft")
+            if wise:  # the chosen setting's curve per seed: what alpha traded between ID and OOD
+                images.append(plot_wise_curve(wise, out / f"{image_prefix}{name}_wise_curve.png"))
     md, csv_path, html_path = out / "results.md", out / "results.csv", out / "results.html"
     trials_path = out / "trials.csv"
     md.write_text(f"# {md_escape(title)}\n\n" + to_markdown(tables))

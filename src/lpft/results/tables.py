@@ -190,7 +190,8 @@ def method_order(method: str) -> tuple[int, str]:
 
 
 def _chosen(selection: Selection, varied: set[str]) -> str:
-    """The chosen setting: hyperparameters that were swept, then the epoch or LP's C of each seed.
+    """The chosen setting: hyperparameters that were swept, then the epoch, LP's C, WiSE-FT's alpha or
+    a soup's ingredient count of each seed.
 
     ``lr=0.001; chosen epoch per seed: 2, 0 (start), 3``: per-seed values are labelled as such
     (not "2/3", which reads as "2 of 3"), and epoch 0, the starting model, says so.
@@ -202,6 +203,10 @@ def _chosen(selection: Selection, varied: set[str]) -> str:
     Cs = [c.selected.get("C") for c in selection.choices]
     if selection.hyperparameters.get("C") == "auto" and all(C is not None for C in Cs):
         parts.append("chosen C per seed (auto): " + ", ".join(_fmt(C) for C in Cs))
+    for key, what in (("alpha", "chosen alpha per seed"), ("ingredients", "soup ingredients per seed")):
+        values = [c.selected.get(key) for c in selection.choices]
+        if all(v is not None for v in values):  # WiSE-FT's interpolation weight; a soup's size
+            parts.append(f"{what}: " + ", ".join(_fmt(v) for v in values))
     return "; ".join(parts)
 
 
