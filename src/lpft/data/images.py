@@ -4,9 +4,10 @@ A row of an image split is one of:
 
 - a :class:`~pathlib.Path` to an image file (CSV ``path`` column, ImageFolder layout);
 - a :class:`FileRange`: bytes at an offset inside a larger file (a member of a WebDataset tar
-  shard), read with one seek, so a shard is indexed once and never unpacked;
-- an :class:`InlineImage`: encoded bytes held in memory (an image column of a Parquet file or a
-  saved Hugging Face dataset).
+  shard, an image inside a saved Hugging Face dataset's Arrow file), read with one seek, so a
+  shard is indexed once and never unpacked;
+- an :class:`InlineImage`: encoded bytes held in memory (an image column of a Parquet file, or
+  of a saved Hugging Face dataset whose Arrow file is compressed).
 
 Every kind is cheap to pickle (DataLoader workers receive the split) and names itself in
 errors through ``str()``. Nothing is decoded until :func:`load_rgb` runs, so loading a task
