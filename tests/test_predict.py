@@ -61,10 +61,11 @@ def test_a_saved_run_is_never_mixed_with_an_older_one(png_task, cache, tmp_path,
     assert not (run_dir / WEIGHTS_FILE).exists() and load_run(run_dir).record.method == "lp"
 
 
-def test_outputs_are_checked_before_any_work(png_task, cache, tmp_path, capsys):
+@pytest.mark.parametrize("option, name", [("--json", "out.json"), ("--out", "run")])
+def test_outputs_are_checked_before_any_work(png_task, cache, tmp_path, capsys, option, name):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     assert cli_main(["run", str(png_task), "--backbone", "efficientnet-lite0", "--method", "lp",
-                     "--json", str(blocked / "out.json")]) == 2
-    assert "--json" in capsys.readouterr().err
+                     option, str(blocked / name)]) == 2
+    assert option in capsys.readouterr().err
     assert not (cache / "features").exists(), "nothing was extracted before the output was found unwritable"

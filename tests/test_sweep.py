@@ -65,6 +65,22 @@ def test_spec_errors_name_the_key(raw, message):
         parse_spec(raw)
 
 
+@pytest.mark.parametrize("line, message", [
+    ("note: !!python/object/apply:os.system ['touch {marker}']\n",
+     r"spec.yaml, line 3, column 7: not valid YAML: could not determine a constructor for the tag .*python/object"),
+    ("task: other\n", r"spec.yaml, line 3, column 1: not valid YAML: key 'task' is given twice"),
+])
+def test_spec_yaml_is_read_safely_and_strictly_in_one_line(tmp_path, line, message):
+    from lpft.results.spec import load_spec
+
+    marker = tmp_path / "ran"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("task: t\nbackbone: b\n" + line.format(marker=marker))
+    with pytest.raises(SpecError, match=message) as err:
+        load_spec(spec)
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
 def test_yaml_exponents_without_dot_are_numbers_and_grids_expand():
     raw = yaml.safe_load("""
 task: t

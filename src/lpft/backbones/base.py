@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -315,10 +316,21 @@ def load_weights_file(path: Path | str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise BackboneError(f"{path} is not a readable .safetensors file ({exc}); save the weights again") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise BackboneError(
+            f"{path} cannot be read as tensors alone ({type(exc).__name__}); lpft never unpickles other Python "
+            "objects, which could run code. Save the weights with torch.save(model.state_dict(), PATH) or as "
+            ".safetensors (safetensors.torch.save_file)"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

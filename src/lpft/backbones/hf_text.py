@@ -35,16 +35,24 @@ class HFTextEncoder(Backbone):
         self.name = name or f"hf:{model}"
         self.max_length = int(max_length)
         local = Path(model).is_dir()
-        allow_download = weights == "download"
+        # trust_remote_code=False: a model's own code (config.json's auto_map) is refused, never run, and
+        # transformers does not ask on stdin whether to run it (where answering y would)
+        load = {"local_files_only": weights != "download", "trust_remote_code": False}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=not allow_download)
+            self.tokenizer = AutoTokenizer.from_pretrained(model, **load)
             if weights == "random":
                 from transformers import AutoConfig
 
-                config = AutoConfig.from_pretrained(model, local_files_only=not allow_download)
-                self.encoder = AutoModel.from_config(config)
+                self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(model, **load))
             else:
-                self.encoder = AutoModel.from_pretrained(model, local_files_only=not allow_download)
+                self.encoder = AutoModel.from_pretrained(model, **load)
+        except ValueError as exc:
+            if "trust_remote_code" not in str(exc):
+                raise
+            raise BackboneError(
+                f"Hugging Face model {model!r} needs its own Python code to load (an auto_map in its config.json); "
+                "lpft never runs a model's code. Use a model whose architecture transformers ships (BERT, MiniLM, ...)"
+            ) from None
         except OSError as exc:
             raise BackboneError(
                 f"no local weights for Hugging Face model {model!r}. Pass a local directory (hf:/path/to/model, "

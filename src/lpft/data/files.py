@@ -50,6 +50,7 @@ from lpft.data.sources import (
     read_shards,
 )
 from lpft.data.task import ID_SPLITS, MODALITIES, Split, Task, TaskError, class_names_from_labels, encode_labels
+from lpft.errors import LpftError
 
 INPUT_COLUMN = {"text": "text", "image": "path"}
 KNOWN_KEYS: tuple[str, ...] = ("name", "modality", "classes", "allow_outside", "splits")
@@ -136,21 +137,27 @@ def load_task_yaml(path: str | Path) -> Task:
     )
 
 
-def _read_yaml(path: Path) -> dict:
-    """The task mapping, with only known keys and a valid ``modality``.
+def load_yaml(path: Path, error: type[LpftError] = TaskError) -> object:
+    """A YAML file's data, read safely (no Python tags) and strictly (a key given twice is refused).
 
-    YAML errors give the line and the problem but no snippet of the file.
+    Errors are one ``error`` line naming the file, the line and column, and the problem, never
+    quoting the file.
     """
     raw = path.read_bytes()
     try:
-        spec = yaml.load(raw, Loader=_StrictLoader)  # bytes: PyYAML detects UTF-8/16 and a BOM
+        return yaml.load(raw, Loader=_StrictLoader)  # bytes: PyYAML detects UTF-8/16 and a BOM
     except yaml.reader.ReaderError as exc:
         line = len((raw[: exc.position] + b"x").splitlines())
-        raise TaskError(f"{path}, line {line}: not UTF-8 ({exc.reason}); save the file as UTF-8") from None
+        raise error(f"{path}, line {line}: not UTF-8 ({exc.reason}); save the file as UTF-8") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise TaskError(f"{path}{where}: not valid YAML: {exc.problem or exc.context}") from None
+        raise error(f"{path}{where}: not valid YAML: {exc.problem or exc.context}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    """The task mapping, with only known keys and a valid ``modality``."""
+    spec = load_yaml(path)
     if not isinstance(spec, dict):
         raise TaskError(f"{path}: expected a mapping with name, modality and splits")
     unknown = [k for k in spec if k not in KNOWN_KEYS]

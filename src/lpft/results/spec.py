@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lpft.config import MethodConfig, check_value
+from lpft.data.files import load_yaml
 from lpft.errors import ConfigError, SpecError
 from lpft.methods import method_class, method_names
 
@@ -64,9 +63,9 @@ def load_spec(path: Path | str) -> SweepSpec:
     """Read and validate a sweep spec YAML; task paths are resolved relative to the spec file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"cannot read sweep spec {path}: {e}") from e
+        raw = load_yaml(path, SpecError)
+    except OSError as e:
+        raise SpecError(f"cannot read sweep spec {path}: {e.strerror}") from e
     return parse_spec(raw, default_name=path.stem, base_dir=path.parent)
 
 

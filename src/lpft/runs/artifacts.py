@@ -82,7 +82,11 @@ def check_save_target(out_dir: Path | str, overwrite: bool = False) -> Path:
         what = "a saved run" if (out / RUN_FILE).is_file() else "other files"
         raise RunError(f"{out} already holds {what}; choose a new folder or pass --overwrite to replace it")
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot write a run into {out} (--out): cannot create {parent}: {exc.strerror}; "
+                       "choose another folder") from exc
     if not os.access(parent, os.W_OK):
         raise RunError(f"cannot write a run into {out}: {parent} is not writable")
     return out
