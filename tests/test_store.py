@@ -453,3 +453,18 @@ def test_a_missing_database_is_a_store_error_when_readonly(tmp_path):
     with pytest.raises(StoreError, match="no results database") as err:
         Store(db, readonly=True)
     assert str(db) in str(err.value) and not db.exists()
+
+
+def test_a_full_disk_is_one_store_error_and_loses_nothing(tmp_path):
+    """SQLite's page cap stands in for a full disk: the same SQLITE_FULL a write meets when the disk fills."""
+    db = tmp_path / "r.sqlite"
+    (first,) = _registered(db)
+    with Store(db) as store:
+        assert store.claim(first) and _finish(store, first)
+        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+        store._conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StoreError, match=r"r\.sqlite: database or disk is full; free space on its disk"):
+            for seed in range(1, 500):  # each trial's row grows the file until the cap
+                store.register("s", f"{seed:064x}", _config(seed))
+    with Store(db, readonly=True) as store:
+        assert [t.config_hash for t in store.trials("finished")] == [first]

@@ -213,13 +213,20 @@ class Store:
         """``BEGIN IMMEDIATE`` takes the write lock up front, so two writers never deadlock."""
         if self.readonly:
             raise StoreError(f"results database {self.path} is open read-only; open it without readonly=True to write")
-        self._conn.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                if self._conn.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc):
+                raise
+            raise StoreError(f"results database {self.path}: {exc}; free space on its disk and run the same command "
+                             "again (finished trials are kept, this one is not lost: it runs again)") from exc
 
     # ------------------------------------------------------------------ writing
     def register(self, sweep: str, config_hash: str, config: Mapping[str, Any]) -> None:
