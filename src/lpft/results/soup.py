@@ -97,7 +97,7 @@ class _Kitchen:
         self.task = load_run_task(run)
         # every weight comes from the ingredients: the registry only supplies the architecture and preprocessing
         backbone = create_backbone(run.backbone["name"], **run.backbone["options"])
-        self.model = Classifier(backbone, self.task.num_classes).eval()
+        self.model = Classifier(backbone, self.task.num_classes).to(device).eval()
         self.device = device
         self.splits = {key: SplitData(backbone, split) for key, split in self.task.eval_splits()}
         self._states: dict[Path, dict[str, torch.Tensor]] = {}
