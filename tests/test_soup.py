@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from lpft.results.report import load_results
-from lpft.results.soup import _mean_state, cook_sweep, ingredients
+from lpft.results.soup import _mean_state, cook, cook_sweep, ingredients
 from lpft.results.spec import load_spec
 from lpft.results.store import Store
 from lpft.results.sweep import run_sweep
@@ -71,15 +71,15 @@ def test_each_seed_gets_a_uniform_and_a_greedy_soup_chosen_on_id_validation(soup
         assert all(trials[m["trial"]].seed == seed for m in members)  # ingredients share the seed's start
 
 
-def test_the_greedy_soup_of_one_ingredient_is_that_model(souped):
-    db, runs, rows, _ = souped
+def test_the_soups_of_one_ingredient_are_that_model(souped):
+    db, runs, _, _ = souped
     with Store(db, readonly=True) as store:
-        soups = [t for t in store.trials("finished", "soup-test") if t.method == "greedy-soup"]
-        for soup in soups:
-            members = soup.diagnostics["soup"]["ingredients"]
-            if len(members) == 1:
-                single = store.trial(members[0]["trial"])
-                assert soup.metrics["id_test"]["accuracy"] == pytest.approx(single.metrics["id_test"]["accuracy"])
+        group = next(iter(ingredients(store, "soup-test", runs, "ft").values()))
+    single = group[0]
+    for soup in cook([single], CPU):  # built here, so the case always occurs
+        assert [m.trial.config_hash for m in soup.ingredients] == [single.trial.config_hash]
+        for key, metrics in single.trial.metrics.items():
+            assert soup.metrics[key]["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
 def test_cooking_again_keeps_the_stored_soups(souped):

@@ -27,7 +27,7 @@ from lpft.results.store import Store, StoredTrial
 from lpft.results.tables import (
     CALIBRATION, ResultTable, build_tables, md_escape, method_order, to_html, to_markdown, write_csv,
 )
-from lpft.runs.record import RunRecord
+from lpft.runs.record import RunRecord, setting_key
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _selected_trials(group: Sequence[RunRecord], rule: SelectionRule, method: st
     chosen = [s for s in rule.select(group) if s.method == method]
     if not chosen:
         return []
-    setting = json.dumps({k: v for k, v in chosen[0].hyperparameters.items() if k != "seed"}, sort_keys=True)
+    setting = setting_key(chosen[0].hyperparameters)
     return sorted((t for t in group if t.method == method and t.setting == setting), key=lambda t: t.seed)
 
 

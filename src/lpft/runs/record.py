@@ -30,6 +30,11 @@ def environment(device: torch.device | str) -> dict[str, str]:
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def setting_key(hyperparameters: Mapping[str, Any]) -> str:
+    """Hyperparameters but the seed, as canonical JSON: what trials differing only in seed share."""
+    return json.dumps({k: v for k, v in hyperparameters.items() if k != "seed"}, sort_keys=True)
+
+
 @dataclass
 class RunRecord:
     """The outcome of one run: what ran (task, backbone and its options, method and every
@@ -60,7 +65,7 @@ class RunRecord:
     @property
     def setting(self) -> str:
         """The hyperparameters but the seed, as canonical JSON: trials that differ only in seed share it."""
-        return json.dumps({k: v for k, v in self.hyperparameters.items() if k != "seed"}, sort_keys=True)
+        return setting_key(self.hyperparameters)
 
     @property
     def backbone_label(self) -> str:
