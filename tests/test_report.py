@@ -188,19 +188,39 @@ def test_epoch_zero_is_the_start():
 
 
 def test_trials_csv_has_one_row_per_trial_with_every_setting(tmp_path):
-    trials = [dataclasses.replace(t, timings={"fit_seconds": 1.5}) for t in TRIALS]
+    trials = [dataclasses.replace(t, timings={"fit_seconds": 1.5, "cpu_seconds": 2.5},
+                                  diagnostics={"weight_change": 0.0 if t.method == "lp" else 0.01}) for t in TRIALS]
     report = write_report(trials, tmp_path, [IDValidation()])
     with report.trials_csv.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(TRIALS)
     assert list(rows[0])[:10] == ["task", "backbone", "method", "seed", "hp.C", "hp.epochs", "hp.lr", "selected.C",
                                   "selected.epoch", "id_val.accuracy"]
-    assert list(rows[0])[-2:] == ["ood_mean.accuracy", "fit_seconds"] and "ood/b.ece" in rows[0]
+    assert list(rows[0])[-4:] == ["ood_mean.accuracy", "weight_change", "fit_seconds", "cpu_seconds"]
+    assert "ood/b.ece" in rows[0]
     assert [r["method"] for r in rows] == ["lp"] * 3 + ["ft"] * 6 + ["lpft"] * 3  # registration order
     lp, ft = rows[0], rows[3]
     assert (lp["hp.C"], lp["selected.C"], lp["hp.lr"], lp["selected.epoch"]) == ("auto", "1.0", "", "")
     assert (ft["hp.lr"], ft["seed"], ft["selected.epoch"], ft["id_test.accuracy"]) == ("0.001", "0", "2", "0.89")
     assert float(ft["ood_mean.accuracy"]) == pytest.approx(0.46) and ft["fit_seconds"] == "1.5"
+    assert (ft["cpu_seconds"], ft["weight_change"], lp["weight_change"]) == ("2.5", "0.01", "0.0")
+
+
+def test_tables_give_each_methods_weight_change_and_cost():
+    seconds = {"lp": (1.0, 0.5), "ft": (10.0, 20.0), "lpft": (12.0, 24.0)}
+    trials = [dataclasses.replace(
+        t, timings={"fit_seconds": seconds[t.method][0] * (1 + t.seed), "cpu_seconds": seconds[t.method][1]},
+        diagnostics={"weight_change": 0.0 if t.method == "lp" else 0.001 * (1 + t.seed)}) for t in TRIALS]
+    (table,) = build_tables(trials, [IDValidation()])
+    cells = {row.method: dict(zip(table.headers, table.texts(row))) for row in table.rows}
+    assert cells["lp"]["Δw"] == "0%" and cells["ft"]["Δw"] == "0.2%"  # seeds 0-2: 0.1, 0.2, 0.3%
+    # every trial of the method counts, the unchosen learning rate's too: 6 FT trials, 20 s mean wall
+    assert cells["ft"]["s/trial (CPU) × trials"] == "20 (20) × 6"
+    assert cells["lpft"]["s/trial (CPU) × trials"] == "24 (24) × 3"
+    old = dataclasses.replace(trials[0], timings={"fit_seconds": 1.0}, diagnostics={})  # stored before both existed
+    (table,) = build_tables([old, *trials[1:]], [IDValidation()])
+    lp = dict(zip(table.headers, table.texts(table.rows[0])))
+    assert lp["s/trial (CPU) × trials"].endswith("(?) × 3") and lp["Δw"] == "–"
 
 
 HOSTILE = "ev|il *x* `y` <script>alert(1)</script>\n# [a](b) _u_ $m$ &lt;"
@@ -232,7 +252,7 @@ def test_markdown_escapes_hostile_names():
             count += 1
         elif t.type == "tr_close":
             cells, count = [*cells, count], 0
-    assert cells == [10] * 4  # header, LP, FT, LP-FT: no row cut short or cell split by a '|' or a newline
+    assert cells == [12] * 4  # header, LP, FT, LP-FT: no row cut short or cell split by a '|' or a newline
     assert any(plain in "".join(c.content for c in t.children) for t in inline if t.children)  # the OOD header
     assert "opt=1\\|&lt;b&gt;" in text or "opt=0\\|&lt;b&gt;" in text
 

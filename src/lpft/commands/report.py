@@ -48,7 +48,7 @@ def rich_table(table: ResultTable) -> Table:
         caption.append("\n" + warning, style="bold yellow")
     out = Table(title=Text(table.title), title_style="bold red" if table.oracle else "bold", caption=caption,
                 caption_style="", caption_justify="left")  # no dim caption style: the warnings stand out
-    out.add_column("method", overflow="fold")
+    out.add_column("method", no_wrap=True)  # the row's name stays whole; the value columns fold
     for header in table.headers:
         out.add_column(Text(header), justify="right", overflow="fold")
     out.add_column("selected", overflow="fold")

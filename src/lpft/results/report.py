@@ -171,7 +171,8 @@ def write_trials_csv(trials: Sequence[RunRecord], path: Path) -> None:
     (the union over methods; empty where a method lacks it), what the trial selected on ID
     validation as ``selected.<name>`` (epoch, 0 being the starting model; LP's C), then
     ``<split>.<metric>`` at that selection (accuracy and calibration, before and after
-    temperature scaling), ``ood_mean.accuracy`` and ``fit_seconds``. Rows sorted by task,
+    temperature scaling), ``ood_mean.accuracy``, ``weight_change`` (the kept model's backbone
+    ``||w - w0|| / ||w0||``), ``fit_seconds`` and ``cpu_seconds``. Rows sorted by task,
     backbone, method, setting, seed.
     """
     hps = sorted({k for t in trials for k in t.hyperparameters if k != "seed"})
@@ -181,7 +182,7 @@ def write_trials_csv(trials: Sequence[RunRecord], path: Path) -> None:
     ood_mean = any(is_ood(s) for s in splits)
     header = ["task", "backbone", "method", "seed", *(f"hp.{k}" for k in hps), *(f"selected.{k}" for k in selected),
               *(f"{s}.{m}" for s in splits for m in metrics[s]), *(["ood_mean.accuracy"] if ood_mean else []),
-              "fit_seconds"]
+              "weight_change", "fit_seconds", "cpu_seconds"]
     rows = sorted(trials, key=lambda t: (t.task, t.backbone_label, method_order(t.method), t.setting, t.seed))
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -193,7 +194,8 @@ def write_trials_csv(trials: Sequence[RunRecord], path: Path) -> None:
                 *(_cell(t.selected.get(k)) for k in selected),
                 *(_cell(t.metrics.get(s, {}).get(m)) for s in splits for m in metrics[s]),
                 *([_cell(float(np.mean(ood)) if ood else None)] if ood_mean else []),
-                _cell(t.timings.get("fit_seconds")),
+                _cell(t.diagnostics.get("weight_change")), _cell(t.timings.get("fit_seconds")),
+                _cell(t.timings.get("cpu_seconds")),
             ])
 
 

@@ -46,11 +46,13 @@ class EpochChoice:
     score: float
     selected: Mapping[str, Any] = field(default_factory=dict)  # what the trial itself chose (e.g. LP's C)
     metrics: Mapping[str, Mapping[str, float]] | None = None
+    weight_change: float | None = None  # the kept model's ||w - w0|| / ||w0||, None like ``metrics``
 
 
 def _choice(trial: RunRecord, epoch: int | None, accuracy: dict[str, float], score: float) -> EpochChoice:
     kept = epoch is None or epoch == trial.selected.get("epoch")
-    return EpochChoice(trial.seed, epoch, accuracy, score, trial.selected, trial.metrics if kept else None)
+    return EpochChoice(trial.seed, epoch, accuracy, score, trial.selected, trial.metrics if kept else None,
+                       trial.diagnostics.get("weight_change") if kept else None)
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,21 @@ INTERVAL_NOTE = (
 # The values a metric can take: intervals are clipped to these for display (the CSV keeps the raw half-width).
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "accuracy": (0.0, 1.0), "ece": (0.0, 1.0), "brier": (0.0, 2.0), "nll": (0.0, math.inf),
+    "weight_change": (0.0, math.inf),
 }
 ECE_HEADERS = ("ECE ID", "ECE OOD")  # table columns after the accuracy columns: see Row.ece_texts
+EXTRA_HEADERS = ("Δw", "s/trial (CPU) × trials")  # then distortion and cost: see Row.extra_texts
 CALIBRATION = ("ece", "nll", "brier")  # each also after temperature scaling fitted on ID val ("_ts")
 CALIBRATION_NOTE = (
     f"ECE: {ECE_BINS}-bin expected calibration error, mean over seeds, before → after temperature scaling "
     "fitted on ID validation (OOD: mean over OOD splits); the CSV adds NLL and Brier with intervals. "
     "'–' where a seed's chosen epoch is not the one its trial kept (only that epoch's calibration is stored)."
+)
+EXTRA_NOTE = (
+    "Δw: how far the method moved the backbone, ||w − w0|| / ||w0|| over all its weights, of each seed's kept "
+    "model, mean over seeds (0 for LP; '–' as for ECE, or for trials stored before it was recorded). "
+    "Cost: mean wall-clock (CPU) seconds per trial of the method, times the trials it ran: every setting "
+    "of its grid, every seed."
 )
 
 
@@ -112,6 +120,8 @@ class Row:
     chosen: str
     seeds: list[int]
     calibration: dict[str, Cell | None] = field(default_factory=dict)  # "ece ID", "ece_ts OOD", ...
+    weight_change: Cell | None = None
+    cost: str = "–"
 
     def ece_text(self, group: str) -> str:
         before, after = self.calibration.get(f"ece {group}"), self.calibration.get(f"ece_ts {group}")
@@ -120,6 +130,10 @@ class Row:
     def ece_texts(self) -> list[str]:
         """The cells under :data:`ECE_HEADERS`."""
         return [self.ece_text(g) for g in ("ID", "OOD")]
+
+    def extra_texts(self) -> list[str]:
+        """The cells under :data:`EXTRA_HEADERS`."""
+        return ["–" if self.weight_change is None else f"{100 * self.weight_change.mean:.2g}%", self.cost]
 
     @property
     def warning(self) -> str:
@@ -158,11 +172,11 @@ class ResultTable:
     @property
     def headers(self) -> list[str]:
         """Headers of the value columns: accuracy columns, then calibration."""
-        return [*(column_name(c) for c in self.columns), *ECE_HEADERS]
+        return [*(column_name(c) for c in self.columns), *ECE_HEADERS, *EXTRA_HEADERS]
 
     def texts(self, row: Row) -> list[str]:
         """``row``'s cells under :attr:`headers`."""
-        return [row.cells[c].text() for c in self.columns] + row.ece_texts()
+        return [row.cells[c].text() for c in self.columns] + row.ece_texts() + row.extra_texts()
 
     @property
     def warnings(self) -> list[str]:
@@ -253,9 +267,23 @@ def build_tables(trials: Sequence[RunRecord], rules: Sequence[SelectionRule]) ->
                 cells = {k: Cell(*t_interval(v), len(v)) for k, v in per_seed.items()}
                 label = method_label(sel.method) + (" (oracle)" if rule.oracle else "")
                 table.rows.append(Row(sel.method, label, cells, _chosen(sel, varied.get(sel.method, set())),
-                                      [c.seed for c in sel.choices], _calibration(sel, ood)))
+                                      [c.seed for c in sel.choices], _calibration(sel, ood), _weight_change(sel),
+                                      _cost([t for t in group if t.method == sel.method])))
             tables.append(table)
     return tables
+
+
+def _weight_change(selection: Selection) -> Cell | None:
+    values = [c.weight_change for c in selection.choices]
+    return None if any(v is None for v in values) else Cell(*t_interval(values), len(values))
+
+
+def _cost(trials: Sequence[RunRecord]) -> str:
+    """``26 (25) × 9``: mean wall (CPU) seconds per trial, times the trials; CPU '?' when not recorded."""
+    wall = np.mean([t.timings.get("fit_seconds", math.nan) for t in trials])
+    cpu = [t.timings["cpu_seconds"] for t in trials if "cpu_seconds" in t.timings]
+    cpu_text = f"{np.mean(cpu):.3g}" if len(cpu) == len(trials) else "?"
+    return f"{wall:.3g} ({cpu_text}) × {len(trials)}"
 
 
 def _varied(trials: Iterable[RunRecord]) -> dict[str, set[str]]:
@@ -305,14 +333,15 @@ def to_markdown(tables: Sequence[ResultTable]) -> str:
             cells = [row.label, *table.texts(row), row.chosen, row.seeds_text]
             out.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
         out.append("")
-    out.append(INTERVAL_NOTE + " Accuracy in %. " + CALIBRATION_NOTE)
+    out.append(INTERVAL_NOTE + " Accuracy in %. " + CALIBRATION_NOTE + " " + EXTRA_NOTE)
     return "\n".join(out) + "\n"
 
 
 def write_csv(tables: Sequence[ResultTable], path: Path) -> None:
     """Long format: one row per (table, method, column), with the rule and an explicit oracle flag.
 
-    Accuracy columns hold fractions; calibration columns are named ``<metric>[_ts] ID|OOD``.
+    Accuracy columns hold fractions; calibration columns are named ``<metric>[_ts] ID|OOD``, then
+    ``weight_change`` (the backbone's relative weight change, a fraction).
     ``mean`` and ``ci90_half_width`` are raw (the half-width may run past the metric's range);
     ``ci90_low_clipped``/``ci90_high_clipped`` are the bounds the tables show, ``clipped`` says
     whether they differ from the raw interval, and ``warning`` is set under :data:`MIN_SEEDS` seeds.
@@ -326,6 +355,7 @@ def write_csv(tables: Sequence[ResultTable], path: Path) -> None:
                 named = [(column_name(c), "accuracy", row.cells[c]) for c in t.columns]
                 named += [(name, name.split(" ")[0].removesuffix("_ts"), cell)  # "ece_ts ID" -> ece
                           for name, cell in row.calibration.items()]
+                named.append(("weight_change", "weight_change", row.weight_change))
                 for name, metric, cell in named:
                     if cell is None:
                         continue
@@ -398,7 +428,7 @@ def to_html(
                          f"<td{tip}>{e(row.seeds_text)}</td></tr>")
         parts.append("</tbody></table></div>")
     parts.append(f"<p class='note'>{e(INTERVAL_NOTE)} Accuracy in %. Headline numbers use ID-validation selection. "
-                 f"{e(CALIBRATION_NOTE)}</p><div class='figures'>")
+                 f"{e(CALIBRATION_NOTE)} {e(EXTRA_NOTE)}</p><div class='figures'>")
     for image in images:
         data = base64.b64encode(image.read_bytes()).decode()
         parts.append(f"<figure><img alt='{e(image.stem)}' src='data:image/png;base64,{data}'>"

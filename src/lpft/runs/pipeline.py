@@ -122,18 +122,27 @@ def run_method(task: Task, backbone: Backbone, method: Method, device: torch.dev
     """Fit ``method`` on ``task`` and evaluate it on every split; the record and the method's own result."""
     torch.manual_seed(method.config.seed)
     env = environment(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = method.fit(task, backbone, device)
-    fit_seconds = time.perf_counter() - start
+    # the method's cost: wall, and CPU time of this process (every thread; loader workers are other processes)
+    timings = {"fit_seconds": round(time.perf_counter() - start, 3), "cpu_seconds": round(time.process_time() - cpu_start, 3)}
     metrics = evaluate(task, result.logits)
     record = RunRecord(
         task=task.name, backbone=backbone.name, method=method.name, hyperparameters=method.config.to_dict(),
-        selected=result.selected, metrics=metrics, history=result.history,
-        timings={"fit_seconds": round(fit_seconds, 3)}, environment=env,
-        diagnostics=result.diagnostics,
+        selected=result.selected, metrics=metrics, history=result.history, timings=timings, environment=env,
+        diagnostics={**result.diagnostics, "weight_change": backbone_weight_change(backbone, result)},
     )
     log.info("%s on %s: %s", method.name, task.name, "  ".join(f"{k} {v['accuracy']:.4f}" for k, v in metrics.items()))
     return record, result
+
+
+def backbone_weight_change(pretrained: Backbone, result: MethodResult) -> float:
+    """How far the method moved the backbone: ``||w - w0|| / ||w0||`` over all its weights (0 when frozen)."""
+    if result.model is None or not result.tuned_backbone:
+        return 0.0
+    from lpft.diagnostics.measure import weight_change  # the diagnostics package imports the run pipeline
+
+    return round(weight_change(pretrained, result.model.backbone)["total"], 6)
 
 
 def run_identity(spec: RunSpec, config: MethodConfig, backbone: Backbone, task: Task) -> dict[str, Any]:
