@@ -1,7 +1,7 @@
 """``lpft reproduce --methods``: which methods run, soups cooked from kept LP-FT runs, the report's columns.
 
 The bundled benchmarks take minutes per trial, so the packaged spec is swapped for a tiny one
-of the same shape (a PNG task, timm's test ResNet): the command's own logic is what is tested.
+of the same shape (a PNG task, EfficientNet-Lite0 at 32 px): the command's own logic is tested.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ SWEEP = "tiny"
 def tiny_benchmark(tmp_path, monkeypatch, cache):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": SWEEP, "task": str(write_png_task(tmp_path / "task")), "backbone": "timm:test_resnet",
-        "backbone_options": {"weights": "random", "image_size": 32}, "seeds": [0, 1], "device": "cpu",
+        "name": SWEEP, "task": str(write_png_task(tmp_path / "task")), "backbone": "efficientnet-lite0",
+        "backbone_options": {"image_size": 32}, "seeds": [0], "device": "cpu",
         "finetune": {"epochs": 1, "batch_size": 16},
-        "methods": {"lp": {"C": "auto"}, "ft": {"lr": 0.03}, "lpft": {"lr": [1.0e-4, 3.0e-4]},
+        "methods": {"lp": {"C": "auto"}, "ft": {"lr": 0.03}, "lpft": {"lr": [1.0e-3, 3.0e-3]},
                     "l2-sp": {"lr": 0.03, "l2sp_lambda": [0.1, 1.0]}},
     }))
     monkeypatch.setattr(reproduce, "packaged_spec", lambda benchmark, full: load_spec(spec))
@@ -52,7 +52,7 @@ def test_only_the_chosen_methods_run_and_soups_are_cooked_from_kept_lpft_runs(ti
     out = tiny_benchmark
     assert _reproduce(out, "l2-sp", "greedy-soup", "uniform-soup") == 0
     # LP-FT runs as the soups' ingredients; LP and FT were not asked for
-    assert _finished(out) == {"lpft": 4, "l2-sp": 4, "greedy-soup": 2, "uniform-soup": 2}
+    assert _finished(out) == {"lpft": 2, "l2-sp": 2, "greedy-soup": 1, "uniform-soup": 1}
     with Store(out / "results.sqlite", readonly=True) as store:
         trials = store.trials("finished", SWEEP)
     kept = {p.name for p in (out / "kept").iterdir() if (p / WEIGHTS_FILE).is_file()}
@@ -62,6 +62,12 @@ def test_only_the_chosen_methods_run_and_soups_are_cooked_from_kept_lpft_runs(ti
             # how far the kept model's backbone moved: nowhere when the run kept its start (epoch 0)
             assert (t.diagnostics["weight_change"] > 0) == (t.selected["epoch"] > 0)
             assert t.timings["cpu_seconds"] > 0
+    by_hash = {t.config_hash: t for t in trials}
+    for soup in (t for t in trials if t.method == "uniform-soup"):
+        moved = [by_hash[i["trial"]].diagnostics["weight_change"] for i in soup.diagnostics["soup"]["ingredients"]]
+        # ||mean(w_i) - w0|| <= mean ||w_i - w0||: measured from the weights the ingredients started from
+        assert soup.diagnostics["weight_change"] <= sum(moved) / len(moved) + 1e-6
+        assert (soup.diagnostics["weight_change"] > 0) == any(m > 0 for m in moved)
     report = (out / "results.md").read_text()
     assert "| Greedy soup |" in report and "| L2-SP |" in report and "| FT |" not in report
     assert "| Δw | s/trial (CPU) × trials |" in report

@@ -80,6 +80,7 @@ def test_the_soups_of_one_ingredient_are_that_model(souped):
         assert [m.trial.config_hash for m in soup.ingredients] == [single.trial.config_hash]
         for key, metrics in single.trial.metrics.items():
             assert soup.metrics[key]["accuracy"] == pytest.approx(metrics["accuracy"])
+        assert soup.weight_change is None  # a random init cannot be rebuilt: no Δw rather than a wrong one
 
 
 def test_cooking_again_keeps_the_stored_soups(souped):

@@ -34,6 +34,7 @@ import torch
 from lpft.backbones import create_backbone
 from lpft.data.loader import SplitData
 from lpft.data.splits import ID_VAL
+from lpft.diagnostics.measure import weight_change
 from lpft.errors import RunError
 from lpft.evaluation import evaluate
 from lpft.results.store import Store, StoredTrial
@@ -69,6 +70,7 @@ class Soup:
     ingredients: list[Ingredient]
     metrics: dict[str, dict[str, float]]
     tried: int  # ingredients considered (greedy) or averaged (uniform)
+    weight_change: float | None  # ||w - w0|| / ||w0|| against the pretrained backbone; None when it cannot be rebuilt
 
 
 def ingredients(store: Store, sweep: str, runs_dir: Path, method: str) -> dict[tuple, list[Ingredient]]:
@@ -97,6 +99,9 @@ class _Kitchen:
         self.task = load_run_task(run)
         # every weight comes from the ingredients: the registry only supplies the architecture and preprocessing
         backbone = create_backbone(run.backbone["name"], **run.backbone["options"])
+        # what Δw is measured from, when the registry rebuilds the very weights the runs started from (not a random init)
+        reference = create_backbone(run.backbone["name"], **run.backbone["options"])
+        self.pretrained = reference if reference.fingerprint == run.backbone["fingerprint"] else None
         self.model = Classifier(backbone, self.task.num_classes).to(device).eval()
         self.device = device
         self.splits = {key: SplitData(backbone, split) for key, split in self.task.eval_splits()}
@@ -129,8 +134,12 @@ def cook(group: Sequence[Ingredient], device: torch.device) -> list[Soup]:
         if accuracy >= best:
             soup, best = [*soup, candidate], accuracy
     keys = [k for k, _ in kitchen.task.eval_splits()]
-    return [Soup(recipe, members, evaluate(kitchen.task, kitchen.logits(members, keys)), len(ranked))
-            for recipe, members in (("uniform", ranked), ("greedy", soup))]
+    soups = []
+    for recipe, members in (("uniform", ranked), ("greedy", soup)):
+        metrics = evaluate(kitchen.task, kitchen.logits(members, keys))  # leaves the soup's weights in the model
+        moved = None if kitchen.pretrained is None else weight_change(kitchen.pretrained, kitchen.model.backbone)["total"]
+        soups.append(Soup(recipe, members, metrics, len(ranked), None if moved is None else round(moved, 6)))
+    return soups
 
 
 def cook_sweep(db: Path | str, sweep: str, runs_dir: Path | str, method: str, device: torch.device) -> list[dict]:
@@ -178,7 +187,8 @@ def _store(store: Store, sweep: str, config: dict[str, Any], soup: Soup, seconds
                                 selected={"ingredients": len(soup.ingredients)}, metrics=soup.metrics,
                                 history=[],  # no epochs: selection reads the soup's final metrics, as for LP
                                 timings={"fit_seconds": round(seconds, 3)}, environment=environment(device),
-                                diagnostics={"soup": details})
+                                diagnostics={"soup": details, **({} if soup.weight_change is None
+                                                                  else {"weight_change": soup.weight_change})})
     log.info("%s of %d %s trials: %d ingredients, id_val %.4f", soup_method(soup.recipe), soup.tried,
              details["of"], len(soup.ingredients), soup.metrics[ID_VAL]["accuracy"])
     return details
