@@ -159,11 +159,12 @@ def cook_sweep(db: Path | str, sweep: str, runs_dir: Path | str, method: str, de
             rows += [_row(task, backbone, seed, recipe, t.diagnostics["soup"], t.metrics, "kept")
                      for recipe, t in done.items()]
             continue
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         soups = cook(group, device)
-        seconds = time.perf_counter() - start
+        timings = {"fit_seconds": round(time.perf_counter() - start, 3),
+                   "cpu_seconds": round(time.process_time() - cpu_start, 3)}  # both recipes: one cooking
         with Store(db) as store:
-            rows += [_row(task, backbone, seed, soup.recipe, _store(store, sweep, configs[soup.recipe], soup, seconds,
+            rows += [_row(task, backbone, seed, soup.recipe, _store(store, sweep, configs[soup.recipe], soup, timings,
                                                                     device), soup.metrics, "cooked") for soup in soups]
     return rows
 
@@ -174,7 +175,8 @@ def _config(trial: StoredTrial, recipe: str, method: str, seed: int) -> dict[str
             "method": soup_method(recipe), "hyperparameters": {"of": method, "seed": seed}}
 
 
-def _store(store: Store, sweep: str, config: dict[str, Any], soup: Soup, seconds: float, device: torch.device) -> dict:
+def _store(store: Store, sweep: str, config: dict[str, Any], soup: Soup, timings: dict[str, float],
+           device: torch.device) -> dict:
     """Write ``soup`` as a finished trial of ``sweep``; returns what it records of its ingredients."""
     key = config_hash(config)
     details = {"recipe": soup.recipe, "of": config["hyperparameters"]["of"], "tried": soup.tried,
@@ -186,7 +188,7 @@ def _store(store: Store, sweep: str, config: dict[str, Any], soup: Soup, seconds
             store.mark_finished(key, task_name=soup.ingredients[0].trial.task,
                                 selected={"ingredients": len(soup.ingredients)}, metrics=soup.metrics,
                                 history=[],  # no epochs: selection reads the soup's final metrics, as for LP
-                                timings={"fit_seconds": round(seconds, 3)}, environment=environment(device),
+                                timings=timings, environment=environment(device),
                                 diagnostics={"soup": details, **({} if soup.weight_change is None
                                                                   else {"weight_change": soup.weight_change})})
     log.info("%s of %d %s trials: %d ingredients, id_val %.4f", soup_method(soup.recipe), soup.tried,
