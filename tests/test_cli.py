@@ -108,6 +108,18 @@ def test_a_method_flag_the_method_does_not_read_is_one_line_and_status_2(env):
     _one_line_error(done, "run", "--lr does not apply to --method lp")
 
 
+def test_task_options_are_typed_and_a_bad_one_is_one_line_and_status_2(env):
+    from lpft.commands.common import task_options
+
+    args = build_parser(["advise"]).parse_args(["advise", "emoji-styles", "--backbone", "efficientnet-lite0",
+                                                "--task-option", "size=128", "--task-option", "id_style=twemoji"])
+    assert task_options(args) == {"size": 128, "id_style": "twemoji"}
+    _one_line_error(lpft("advise", "emoji-styles", "--task-option", "size", "--backbone", "efficientnet-lite0",
+                         env=env), "advise", "write KEY=VALUE")
+    _one_line_error(lpft("run", str(TEXT_TOPICS), "--task-option", "size=64", "--backbone", "minilm-l6", "--method",
+                         "lp", env=env), "run", "apply to bundled benchmarks")
+
+
 def test_verbose_shows_the_traceback(env):
     done = lpft("-v", "run", str(TEXT_TOPICS), "--backbone", "minilm-l6", "--method", "lp", "--lr", "0.1", env=env)
     assert done.returncode == 1

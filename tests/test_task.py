@@ -160,6 +160,16 @@ def test_unknown_task_name():
         load_task("no-such-benchmark")
 
 
+def test_a_benchmark_option_it_does_not_have_is_refused_naming_those_it_has():
+    with pytest.raises(TaskError, match=r"no option sise; its options: size, id_style"):
+        load_task("emoji-styles", sise=128)
+
+
+def test_options_given_with_a_task_file_are_refused_not_ignored():
+    with pytest.raises(TaskError, match="apply to bundled benchmarks, not to the task file"):
+        load_task(TEXT_TOPICS, size=128)
+
+
 def test_text_topics_example_loads():
     task = load_task(TEXT_TOPICS)
     assert task.modality == "text"

@@ -7,10 +7,11 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lpft.commands.common import add_backbone_arguments, add_device_argument
+    from lpft.commands.common import add_backbone_arguments, add_device_argument, add_task_option_argument
 
     p = sub.add_parser("advise", help="predict, before training, whether LP-FT will beat FT out of distribution")
     p.add_argument("task", help="a bundled benchmark name or a task YAML file")
+    add_task_option_argument(p)
     add_backbone_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random head compared with the probe's")
     add_device_argument(p)
@@ -20,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lpft.commands.common import backbone_options, check_writable, console, new_table, write_json
+    from lpft.commands.common import backbone_options, check_writable, console, new_table, task_options, write_json
     from lpft.data.splits import display_name
     from lpft.diagnostics.regime import GOOD_FEATURES, assess
     from lpft.runs import resolve_device
@@ -28,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.json_path:
         check_writable(args.json_path, "--json")
-    task = load_task_once(args.task)
+    task = load_task_once(args.task, task_options(args))
     backbone = create_backbone_once(args.backbone, backbone_options(args))
     check_modality(task, backbone)
     report = assess(task, backbone, resolve_device(args.device), args.seed)

@@ -130,6 +130,24 @@ def backbone_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None and not (k == "augment" and v == "none")}
 
 
+def add_task_option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task-option", dest="task_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of a bundled benchmark, e.g. size=128 for emoji-styles (repeatable)")
+
+
+def task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--task-option`` pairs as a dict; values read as YAML scalars (``128`` is a number, ``noto`` text)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in args.task_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--task-option {item!r}: write KEY=VALUE, e.g. --task-option size=128")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     """``--workers``, ``--decode`` and ``--skip-bad-images``: how image files are read.
 

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from lpft.commands.common import (
-    add_backbone_arguments, add_deprecated_alias, add_loader_arguments, add_method_arguments, add_track_argument,
+    add_backbone_arguments, add_deprecated_alias, add_loader_arguments, add_method_arguments, add_task_option_argument,
+    add_track_argument,
 )
 
 
@@ -15,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("run", help="run one method on a task and report ID and OOD accuracy")
     p.add_argument("task", help="a bundled benchmark name (lpft data list) or a task YAML file")
+    add_task_option_argument(p)
     add_backbone_arguments(p)
     p.add_argument("--method", required=True, choices=method_names(registered_order=True))
     add_method_arguments(p)
@@ -35,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from lpft.commands.common import (
-        backbone_options, check_writable, console, method_settings, metrics_table, write_json,
+        backbone_options, check_writable, console, method_settings, metrics_table, task_options, write_json,
     )
     from lpft.data.loader import loading
     from lpft.runs import RunSpec, execute
@@ -43,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
 
     tracker = create_tracker(args.track) if args.track else None  # a bad --track fails before any work
     spec = RunSpec(args.task, args.backbone, args.method, method_settings(args, args.method),
-                   backbone_options=backbone_options(args))
+                   task_options=task_options(args), backbone_options=backbone_options(args))
     if args.json_path:
         check_writable(args.json_path, "--json")
     with loading(args.workers, args.skip_bad_images, args.decode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,11 +28,20 @@ def load_task(spec: str | Path, **options) -> Task:
     """A bundled benchmark by name, or a task YAML file by path."""
     _import_builtin()
     if str(spec) in _BENCHMARKS:
-        return _BENCHMARKS[str(spec)](**options)
+        loader = _BENCHMARKS[str(spec)]
+        known = inspect.signature(loader).parameters
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TaskError(f"benchmark {str(spec)!r} has no option {', '.join(unknown)}; its options: "
+                            f"{', '.join(known) or 'none'}")
+        return loader(**options)
     path = Path(spec)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         from lpft.data.files import load_task_yaml
 
+        if options:  # a YAML task says everything in its file: an option here would be silently ignored
+            raise TaskError(f"task options ({', '.join(sorted(options))}) apply to bundled benchmarks, not to "
+                            f"the task file {path}; set them in the file")
         return load_task_yaml(path)
     raise TaskError(f"unknown task {str(spec)!r}: not a bundled benchmark {_BENCHMARKS.names()} nor a YAML file")
 
