@@ -118,6 +118,29 @@ def test_method_fit_contract(name, tiny_setup, tmp_path, monkeypatch):
         assert torch.equal(v, before[k]), f"{name} modified the backbone it was given ({k})"
 
 
+@pytest.mark.parametrize("name", method_names())
+def test_no_method_chooses_anything_with_id_test_or_ood_labels(name, tiny_setup, tmp_path, monkeypatch):
+    """Fit twice, the second time with ID-test and OOD labels shuffled: every choice and the ID-validation
+    logits must be the same, so no epoch, C, alpha or setting was picked by looking at a test split."""
+    monkeypatch.setenv("LPFT_CACHE", str(tmp_path / "cache"))
+    task, backbone = tiny_setup
+    rng = np.random.default_rng(1)
+    shuffle = lambda split: dataclasses.replace(split, labels=rng.permutation(split.labels))  # noqa: E731
+    scrambled = dataclasses.replace(task, id_test=shuffle(task.id_test), ood={k: shuffle(s) for k, s in task.ood.items()})
+    assert not np.array_equal(scrambled.id_test.labels, task.id_test.labels)
+    results = []
+    for data in (task, scrambled):
+        if name in METHOD_BACKBONES:
+            torch.manual_seed(0)
+            backbone = create_backbone(METHOD_BACKBONES[name][0], **METHOD_BACKBONES[name][1])
+        settings = method_class(name).config_class.settings()
+        quick = {k: v for k, v in {"epochs": 2, "batch_size": 16}.items() if k in settings}
+        torch.manual_seed(0)
+        results.append(create_method(name, quick).fit(data, backbone, CPU))
+    assert results[0].selected == results[1].selected
+    np.testing.assert_array_equal(results[0].logits["id_val"], results[1].logits["id_val"])
+
+
 def _record(method: str, seed: int, accs: tuple[float, float, float]) -> RunRecord:
     metrics = {k: {"accuracy": a} for k, a in zip(("id_val", "id_test", "ood/a"), accs)}
     history = [{"epoch": 1, "accuracy": {k: m["accuracy"] for k, m in metrics.items()}}]
