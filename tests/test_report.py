@@ -296,3 +296,12 @@ def test_html_page_says_where_its_numbers_come_from(tmp_path):
     assert "12 finished, started 2026-12-03 09:01 UTC" in page
     assert "<summary>sweep spec toy-sweep</summary>" in page and "- 0.001\n" in page  # the spec's grid, as YAML
     assert page.count("<div class='scroll'>") == 1
+
+
+def test_every_method_and_soup_has_a_colour_and_marker_of_its_own():
+    from lpft.methods import method_names
+    from lpft.methods.base import POST_HOC_LABELS
+    from lpft.results.plots import _color, _marker
+
+    names = [*method_names(registered_order=True), *POST_HOC_LABELS]
+    assert len({_color(n) for n in names}) == len(names) and len({_marker(n) for n in names}) == len(names)

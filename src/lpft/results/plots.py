@@ -20,12 +20,13 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text).strip("-")
 
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
+COLORS = (*(f"C{i}" for i in range(10)), "#222222", "#b8860b")  # matplotlib's ten, then two more: 12 methods apart
 
 
 def _color(method: str) -> str:
-    """One colour per method, stable across plots: its place in the registration order."""
-    return f"C{method_order(method)[0] % 10}"
+    """One colour per method, stable across plots: its place in the method order."""
+    return COLORS[method_order(method)[0] % len(COLORS)]
 
 
 def _marker(method: str) -> str:

@@ -29,6 +29,7 @@ from scipy import stats
 from lpft.data.splits import ID_TEST, ID_VAL, display_name, is_ood
 from lpft.evaluation.metrics import ECE_BINS
 from lpft.methods import method_label, method_names
+from lpft.methods.base import POST_HOC_LABELS
 from lpft.results.selection import Selection, SelectionRule
 from lpft.runs.record import RunRecord
 
@@ -198,8 +199,9 @@ def column_name(key: str) -> str:
 
 
 def method_order(method: str) -> tuple[int, str]:
-    """Sort key: methods in registration order (LP, FT, LP-FT, then later ones), unknown ones last."""
-    names = method_names(registered_order=True)
+    """Sort key: methods in registration order (LP, FT, LP-FT, then later ones), then the post-hoc
+    ones (soups), unknown ones last."""
+    names = [*method_names(registered_order=True), *POST_HOC_LABELS]
     return (names.index(method), method) if method in names else (len(names), method)
 
 
