@@ -172,7 +172,7 @@ class ResultTable:
 
     @property
     def headers(self) -> list[str]:
-        """Headers of the value columns: accuracy columns, then calibration."""
+        """Headers of the value columns: accuracy columns, then calibration, weight change and cost."""
         return [*(column_name(c) for c in self.columns), *ECE_HEADERS, *EXTRA_HEADERS]
 
     def texts(self, row: Row) -> list[str]:
