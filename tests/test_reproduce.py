@@ -6,6 +6,8 @@ of the same shape (a PNG task, EfficientNet-Lite0 at 32 px): the command's own l
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import yaml
 
@@ -39,13 +41,9 @@ def _reproduce(out, *methods) -> int:
                      *(["--methods", *methods] if methods else [])])
 
 
-def _finished(out) -> dict[str, int]:
+def _finished(out) -> Counter[str]:
     with Store(out / "results.sqlite", readonly=True) as store:
-        trials = store.trials("finished", SWEEP)
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t.method] = counts.get(t.method, 0) + 1
-    return counts
+        return Counter(t.method for t in store.trials("finished", SWEEP))
 
 
 def test_only_the_chosen_methods_run_and_soups_are_cooked_from_kept_lpft_runs(tiny_benchmark):

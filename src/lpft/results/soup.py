@@ -20,6 +20,7 @@ cooking again skips it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import defaultdict
@@ -99,9 +100,8 @@ class _Kitchen:
         self.task = load_run_task(run)
         # every weight comes from the ingredients: the registry only supplies the architecture and preprocessing
         backbone = create_backbone(run.backbone["name"], **run.backbone["options"])
-        # what Δw is measured from, when the registry rebuilds the very weights the runs started from (not a random init)
-        reference = create_backbone(run.backbone["name"], **run.backbone["options"])
-        self.pretrained = reference if reference.fingerprint == run.backbone["fingerprint"] else None
+        # what Δw is measured from, when the registry rebuilt the very weights the runs started from (not a random init)
+        self.pretrained = copy.deepcopy(backbone) if backbone.fingerprint == run.backbone["fingerprint"] else None
         self.model = Classifier(backbone, self.task.num_classes).to(device).eval()
         self.device = device
         self.splits = {key: SplitData(backbone, split) for key, split in self.task.eval_splits()}
