@@ -75,7 +75,7 @@ def test_soups_refuse_lpft_runs_finished_without_their_weights(tiny_benchmark, c
     out = tiny_benchmark
     assert _reproduce(out, "lpft") == 0  # weights not kept: no soup was asked for
     assert _reproduce(out, "greedy-soup") == 2
-    assert "finished without their weights kept" in capsys.readouterr().err
+    assert "2 of 2 finished 'lpft' trials of sweep" in capsys.readouterr().err
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones(tiny_benchmark, capsys):

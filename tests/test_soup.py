@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from lpft.errors import RunError
 from lpft.results.report import load_results
 from lpft.results.soup import _mean_state, cook, cook_sweep, ingredients
 from lpft.results.spec import load_spec
@@ -114,3 +116,12 @@ def test_kept_runs_hold_the_tuned_weights(souped):
     kept = sorted(runs.iterdir())
     assert len(kept) == 6 and all((k / "model.safetensors").is_file() for k in kept)
     assert all(json.loads((k / "run.json").read_text())["record"]["method"] == "ft" for k in kept)
+
+
+def test_a_soup_of_fewer_models_than_the_sweep_ran_is_refused(souped, tmp_path):
+    db, runs, _, _ = souped
+    partial = tmp_path / "runs"
+    shutil.copytree(runs, partial)
+    next(partial.iterdir()).joinpath("model.safetensors").unlink()  # one of the six runs lost its weights
+    with Store(db) as store, pytest.raises(RunError, match="1 of 6 finished 'ft' trials"):
+        ingredients(store, "soup-test", partial, "ft")

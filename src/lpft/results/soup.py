@@ -75,14 +75,21 @@ class Soup:
 
 
 def ingredients(store: Store, sweep: str, runs_dir: Path, method: str) -> dict[tuple, list[Ingredient]]:
-    """The kept runs of ``method``'s finished trials in ``sweep``, grouped by (task, backbone, seed)."""
+    """The kept runs of ``method``'s finished trials in ``sweep``, grouped by (task, backbone, seed).
+
+    Refuses (RunError) when any of those trials has no kept weights: a soup of the others would
+    silently be a soup of fewer models than the sweep ran.
+    """
     groups: dict[tuple, list[Ingredient]] = defaultdict(list)
-    for trial in store.trials("finished", sweep):
-        run_dir = runs_dir / trial.config_hash
-        if trial.method != method or not (run_dir / WEIGHTS_FILE).is_file():
-            continue
+    trials = [t for t in store.trials("finished", sweep) if t.method == method]
+    lost = [t for t in trials if not (runs_dir / t.config_hash / WEIGHTS_FILE).is_file()]
+    if lost:
+        raise RunError(f"{len(lost)} of {len(trials)} finished {method!r} trials of sweep {sweep!r} have no weights "
+                       f"kept in {runs_dir}: a soup needs every one; run them into a fresh database with their runs "
+                       f"kept (`lpft sweep SPEC --keep-runs {runs_dir}`; `lpft reproduce`: a fresh --out)")
+    for trial in trials:
         key = (trial.task, backbone_label(trial.backbone, trial.config.get("backbone_options", {})), trial.seed)
-        groups[key].append(Ingredient(trial, run_dir, float(trial.metrics[ID_VAL]["accuracy"])))
+        groups[key].append(Ingredient(trial, runs_dir / trial.config_hash, float(trial.metrics[ID_VAL]["accuracy"])))
     return dict(groups)
 
 
@@ -148,8 +155,7 @@ def cook_sweep(db: Path | str, sweep: str, runs_dir: Path | str, method: str, de
     with Store(db) as store:
         groups = ingredients(store, sweep, runs_dir, method)
     if not groups:
-        raise RunError(f"no kept runs of {method!r} trials of sweep {sweep!r} in {runs_dir}: run the sweep with "
-                       f"`lpft sweep SPEC --keep-runs {runs_dir}` (methods that tune the backbone)")
+        raise RunError(f"no finished {method!r} trials in sweep {sweep!r} to make soups of")
     rows = []
     for (task, backbone, seed), group in sorted(groups.items(), key=lambda kv: kv[0]):
         configs = {recipe: _config(group[0].trial, recipe, method, seed) for recipe in RECIPES}
