@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
 import torch
@@ -125,3 +127,21 @@ def test_a_soup_of_fewer_models_than_the_sweep_ran_is_refused(souped, tmp_path):
     next(partial.iterdir()).joinpath("model.safetensors").unlink()  # one of the six runs lost its weights
     with Store(db) as store, pytest.raises(RunError, match="1 of 6 finished 'ft' trials"):
         ingredients(store, "soup-test", partial, "ft")
+
+
+def test_soups_are_cooked_again_in_place_when_the_grid_grew(souped, tmp_path):
+    db, runs, _, spec_path = souped
+    grown_db, grown_runs = tmp_path / "results.sqlite", tmp_path / "runs"
+    with closing(sqlite3.connect(db)) as conn:  # a consistent copy of the WAL database
+        conn.execute("VACUUM INTO ?", (str(grown_db),))
+    shutil.copytree(runs, grown_runs)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["methods"]["ft"]["lr"].append(0.003)  # one more learning rate, both seeds
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert run_sweep(load_spec(tmp_path / "spec.yaml"), grown_db, progress=False, keep_runs=grown_runs).finished == 2
+    rows = cook_sweep(grown_db, "soup-test", grown_runs, "ft", CPU)
+    assert {r["state"] for r in rows} == {"cooked"} and {r["tried"] for r in rows} == {4}
+    with Store(grown_db) as store:
+        soups = [t for t in store.trials("finished", "soup-test") if t.method.endswith("-soup")]
+    assert len(soups) == 4  # replaced, not added beside the stale ones
+    assert all(len(t.diagnostics["soup"]["ingredients"]) == 4 for t in soups if t.method == "uniform-soup")

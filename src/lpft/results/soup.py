@@ -15,7 +15,8 @@ A soup is evaluated on every split like any run and stored in the sweep's databa
 trial of the post-hoc method ``uniform-soup`` or ``greedy-soup`` (its hyperparameters: the
 method it soups and the seed; its ingredients in ``diagnostics``), so ``lpft report`` shows
 it beside the methods it was made from, with intervals over seeds. A finished soup is kept:
-cooking again skips it.
+cooking again skips it, unless the sweep's trials of its method changed since (a grid grown
+after the soups were cooked), when both recipes are cooked again in place.
 """
 
 from __future__ import annotations
@@ -161,10 +162,16 @@ def cook_sweep(db: Path | str, sweep: str, runs_dir: Path | str, method: str, de
         configs = {recipe: _config(group[0].trial, recipe, method, seed) for recipe in RECIPES}
         with Store(db) as store:
             done = {recipe: store.trial(config_hash(c)) for recipe, c in configs.items()}
-        if all(t is not None and t.status == "finished" for t in done.values()):
+        finished = {recipe: t for recipe, t in done.items() if t is not None and t.status == "finished"}
+        if len(finished) == len(RECIPES) and _cooked_from(finished["uniform"]) == {i.trial.config_hash for i in group}:
             rows += [_row(task, backbone, seed, recipe, t.diagnostics["soup"], t.metrics, "kept")
                      for recipe, t in done.items()]
             continue
+        if finished:  # the sweep gained (or lost) trials since these soups were cooked: cook them again
+            log.info("%s / %s seed %d: the soups' ingredients changed; cooking them again", task, backbone, seed)
+            with Store(db) as store:
+                for t in finished.values():
+                    store.reopen(t.config_hash)
         start, cpu_start = time.perf_counter(), time.process_time()
         soups = cook(group, device)
         timings = {"fit_seconds": round(time.perf_counter() - start, 3),
@@ -173,6 +180,11 @@ def cook_sweep(db: Path | str, sweep: str, runs_dir: Path | str, method: str, de
             rows += [_row(task, backbone, seed, soup.recipe, _store(store, sweep, configs[soup.recipe], soup, timings,
                                                                     device), soup.metrics, "cooked") for soup in soups]
     return rows
+
+
+def _cooked_from(uniform: StoredTrial) -> set[str]:
+    """The trials a stored uniform soup was cooked from: all of its candidates (as for the greedy one)."""
+    return {i["trial"] for i in uniform.diagnostics["soup"]["ingredients"]}
 
 
 def _config(trial: StoredTrial, recipe: str, method: str, seed: int) -> dict[str, Any]:

@@ -11,7 +11,8 @@ committed trial survives a ``kill -9``.
 Several processes (two sweeps, Ray workers) may share one database. A process runs a trial
 only under a *lease*: :meth:`Store.claim` moves the trial to ``running`` for this process
 in one ``BEGIN IMMEDIATE`` transaction, and only if it is ``pending``, ``failed``, or
-``running`` under a holder that is gone. A finished trial is never claimed again. The lease
+``running`` under a holder that is gone. A finished trial is never claimed again unless
+:meth:`Store.reopen` puts it back to ``pending`` (a soup whose ingredients changed). The lease
 records the holder's host, pid, the pid's start time and a random token, and a heartbeat
 time. A holder on this host (same machine boot and pid namespace) is gone when its pid is
 dead or belongs to another process by now (a different start time); a holder elsewhere is
@@ -328,6 +329,16 @@ class Store:
             (task_name, _dumps(selected), _dumps(metrics), _dumps(history), _dumps(timings), _dumps(environment),
              _dumps(diagnostics or {})),
         )
+
+    def reopen(self, config_hash: str) -> None:
+        """Put a finished trial back to ``pending`` (its results stay until a new ``mark_finished``).
+
+        For a derived trial whose inputs changed since it finished (a soup with new ingredients):
+        the next :meth:`claim` takes it and its results are overwritten in one transaction.
+        """
+        with self._transaction():
+            self._conn.execute("UPDATE trials SET status='pending' WHERE config_hash=? AND status='finished'",
+                               (config_hash,))
 
     def mark_failed(self, config_hash: str, error: str) -> bool:
         """Record a trial as ``failed`` (claimable again) with its error; False if not our lease."""
