@@ -305,3 +305,26 @@ def test_every_method_and_soup_has_a_colour_and_marker_of_its_own():
 
     names = [*method_names(registered_order=True), *POST_HOC_LABELS]
     assert len({_color(n) for n in names}) == len(names) and len({_marker(n) for n in names}) == len(names)
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_the_terminal_table_leaves_columns_out_to_fit_instead_of_folding_every_cell(width):
+    from rich.console import Console
+
+    from lpft.commands.report import rich_table
+
+    (headline,) = build_tables(TRIALS, [IDValidation()])
+    console = Console(record=True, width=width)
+    console.print(rich_table(headline, width))
+    lines = console.export_text().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= width
+    terminal = "\n".join(lines)
+    ft = headline.rows[1]
+    row = next(line for line in lines if line.startswith("│ FT "))  # one line per method: no folded cells
+    assert ft.cells["id_test"].text() in row and ft.cells["ood_mean"].text() in row
+    assert "FT: lr=0.001; chosen epoch per seed: 2, 2, 2" in terminal  # the selection, under the table
+    assert "Left out to fit the terminal" in terminal
+    full = Console(record=True, width=400)
+    full.print(rich_table(headline))  # no width: every column, the selected settings in theirs
+    text = full.export_text()
+    assert "ECE OOD" in text and "OOD a" in text and "Left out" not in text and "│ lr=0.001; chosen epoch" in text
