@@ -26,14 +26,16 @@ def test_ray_sweep_writes_every_trial_and_resumes(tmp_path, local_ray):
 
     spec = parse_spec({"name": "ray-lp", "task": str(TEXT_TOPICS), "backbone": "minilm-l6", "seeds": [0],
                        "device": "cpu", "methods": {"lp": {"C": [0.1, 1.0]}}})
-    db = tmp_path / "results.sqlite"
-    summary = run_sweep_ray(spec, db, progress=False)
+    db, kept = tmp_path / "results.sqlite", tmp_path / "kept"
+    summary = run_sweep_ray(spec, db, progress=False, keep_runs=kept)
     assert (summary.total, summary.skipped, summary.finished, summary.failed) == (2, 0, 2, 0)
     with Store(db) as store:
         rows = store.trials()
         assert {r.config["hyperparameters"]["C"] for r in rows} == {0.1, 1.0}
         assert all(r.environment["device"] == "cpu" and "id_test" in r.metrics for r in rows)
         ray_metrics = {r.config_hash: r.metrics for r in rows}
+    # each worker saved its finished run where the driver said (what soups are made from)
+    assert {p.name for p in kept.iterdir() if (p / "run.json").is_file()} == set(ray_metrics)
 
     # resume: the store says both are finished, so neither engine runs anything again
     assert run_sweep_ray(spec, db, progress=False).skipped == 2

@@ -55,11 +55,8 @@ def main(args: argparse.Namespace) -> int:
         if args.workers is not None or args.skip_bad_images or args.decode != "auto":
             raise ConfigError("--workers, --decode and --skip-bad-images apply to --engine local; a Ray trial reads "
                               "images with its own cores and stops on a bad one")
-        if args.keep_runs is not None:
-            raise ConfigError("--keep-runs applies to --engine local (Ray trials run on other machines' disks)")
-
         summary = run_sweep_ray(spec, db, args.device, address=args.ray_address, gpus_per_trial=args.ray_gpus_per_trial,
-                                checkpoint=args.checkpoint, tracker=tracker)
+                                checkpoint=args.checkpoint, tracker=tracker, keep_runs=args.keep_runs)
     else:
         with loading(args.workers, args.skip_bad_images, args.decode):
             summary = run_sweep(spec, db, args.device, checkpoint=args.checkpoint, tracker=tracker,

@@ -43,6 +43,7 @@ def run_sweep_ray(
     init_options: dict[str, Any] | None = None,
     checkpoint: str | Path | None = None,
     tracker: Tracker | None = None,
+    keep_runs: str | Path | None = None,
 ) -> SweepSummary:
     """Run the spec's unfinished trials as Ray tasks; returns the same summary as the serial loop.
 
@@ -50,7 +51,8 @@ def run_sweep_ray(
     without an initialised Ray, a local instance is started (``init_options`` go to
     ``ray.init``). ``cpus_per_trial``/``gpus_per_trial`` are each task's resource request.
     ``checkpoint`` is a folder every worker reaches where trials checkpoint their epochs
-    (:func:`~lpft.results.sweep.run_trial`). With ``tracker``, this driver logs each trial that
+    (:func:`~lpft.results.sweep.run_trial`), and ``keep_runs`` one where each finished trial saves
+    its run (what ``lpft soup`` averages). With ``tracker``, this driver logs each trial that
     finishes (:func:`~lpft.results.sweep.track_trial`), so the logs land where the sweep was started.
     """
     try:
@@ -67,8 +69,8 @@ def run_sweep_ray(
     if pending and not ray.is_initialized():
         ray.init(address=address, **(init_options or {}))
     task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)(run_trial)
-    folder = None if checkpoint is None else str(Path(checkpoint).resolve())
-    hashes = {task.remote(trial, str(db_path), device or spec.device, folder): trial.hash for trial in pending}
+    folder, keep = (None if path is None else str(Path(path).resolve()) for path in (checkpoint, keep_runs))
+    hashes = {task.remote(trial, str(db_path), device or spec.device, folder, keep): trial.hash for trial in pending}
     waiting = list(hashes)
     outcomes = {"finished": 0, "failed": 0, "skipped": 0}
     bar = tqdm(total=len(waiting), desc=f"sweep {spec.name} (ray)", unit="trial", disable=progress_disabled(progress))
